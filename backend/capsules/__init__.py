@@ -1,0 +1,1 @@
+"""Capsules: lifecycle, snapshots and state, behind one async facade (`CapsuleManager`)."""

@@ -1,0 +1,164 @@
+"""State on disk: one SQLite database (stdlib) in the state dir.
+
+Every write is its own transaction, so a killed agent loses at most the operation it was in the
+middle of; WAL mode lets the dashboard and a CLI process read and write at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from backend.capsules.models import Capsule, Event, Snapshot, State
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS capsules (
+    id TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    capsule_id TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (capsule_id, generation)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    capsule_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_capsule ON events (capsule_id, id);
+CREATE TABLE IF NOT EXISTS metrics (
+    capsule_id TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- capsules ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _encode(capsule: Capsule) -> str:
+        data = asdict(capsule)
+        data["state"] = capsule.state.value
+        return json.dumps(data)
+
+    @staticmethod
+    def _decode(text: str) -> Capsule:
+        raw: dict[str, Any] = json.loads(text)
+        known = {f.name for f in fields(Capsule)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw["state"] = State(raw["state"])
+        return Capsule(**raw)
+
+    def put(self, capsule: Capsule) -> None:
+        self._db.execute(
+            "INSERT INTO capsules (id, data, state, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET data=excluded.data, state=excluded.state, "
+            "updated_at=excluded.updated_at",
+            (capsule.id, self._encode(capsule), capsule.state.value, time.time()),
+        )
+
+    def get(self, capsule_id: str) -> Capsule | None:
+        row = self._db.execute("SELECT data FROM capsules WHERE id = ?", (capsule_id,)).fetchone()
+        return self._decode(row[0]) if row else None
+
+    def list_capsules(self) -> list[Capsule]:
+        rows = self._db.execute("SELECT data FROM capsules ORDER BY rowid").fetchall()
+        return [self._decode(r[0]) for r in rows]
+
+    def delete(self, capsule_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM capsules WHERE id = ?", (capsule_id,))
+            db.execute("DELETE FROM snapshots WHERE capsule_id = ?", (capsule_id,))
+            db.execute("DELETE FROM metrics WHERE capsule_id = ?", (capsule_id,))
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def put_snapshot(self, snapshot: Snapshot) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO snapshots (capsule_id, generation, data) VALUES (?, ?, ?)",
+            (snapshot.capsule_id, snapshot.generation, json.dumps(asdict(snapshot))),
+        )
+
+    def snapshots(self, capsule_id: str) -> list[Snapshot]:
+        rows = self._db.execute(
+            "SELECT data FROM snapshots WHERE capsule_id = ? ORDER BY generation", (capsule_id,)
+        ).fetchall()
+        return [Snapshot(**json.loads(r[0])) for r in rows]
+
+    def delete_snapshot(self, capsule_id: str, generation: int) -> None:
+        self._db.execute(
+            "DELETE FROM snapshots WHERE capsule_id = ? AND generation = ?",
+            (capsule_id, generation),
+        )
+
+    # -- events -----------------------------------------------------------------------------
+
+    def add_event(self, capsule_id: str, kind: str, message: str) -> None:
+        self._db.execute(
+            "INSERT INTO events (capsule_id, ts, kind, message) VALUES (?, ?, ?, ?)",
+            (capsule_id, time.time(), kind, message),
+        )
+
+    def events(self, capsule_id: str | None = None, limit: int = 50) -> list[Event]:
+        if capsule_id is None:
+            rows = self._db.execute(
+                "SELECT capsule_id, ts, kind, message FROM events ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT capsule_id, ts, kind, message FROM events WHERE capsule_id = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (capsule_id, limit),
+            ).fetchall()
+        return [Event(*r) for r in reversed(rows)]
+
+    # -- metric history (written by the sampler) --------------------------------------------
+
+    def put_metrics(self, capsule_id: str, data: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO metrics (capsule_id, data, updated_at) VALUES (?, ?, ?)",
+            (capsule_id, data, time.time()),
+        )
+
+    def get_metrics(self, capsule_id: str) -> str | None:
+        row = self._db.execute(
+            "SELECT data FROM metrics WHERE capsule_id = ?", (capsule_id,)
+        ).fetchone()
+        return str(row[0]) if row else None

@@ -1,0 +1,328 @@
+"""The headless `wrenn-tui` subcommands (the `wrenn-tui` entry point itself is `tui.cli`,
+which adds the dashboard as the default; nothing here imports the TUI)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from backend.config import default_paths
+
+
+@click.group()
+def main() -> None:
+    """wrenn-tui: microVM sandboxes (capsules) on your own machine, watched live."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(as_json: bool) -> None:
+    """Check whether capsules can run here; exit non-zero when they cannot."""
+    from backend.doctor import can_run_capsules, run_checks
+
+    checks = run_checks(default_paths())
+    ok = can_run_capsules(checks)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            mark = (
+                click.style("ok  ", fg="green")
+                if c.ok
+                else click.style("FAIL" if c.fatal else "warn", fg="red" if c.fatal else "yellow")
+            )
+            line = f"{mark} {c.name:<10} {c.detail}"
+            if c.fix and not c.ok:
+                line += f"\n     {'':<10} fix: {c.fix}"
+            elif c.fix:
+                line += f" ({c.fix})"
+            click.echo(line)
+        click.echo("capsules can run" if ok else "capsules cannot run: see the fixes above")
+    sys.exit(0 if ok else 1)
+
+
+@main.group()
+def image() -> None:
+    """Build and inspect capsule images."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="Rebuild every stage, ignoring the caches.")
+def image_build(force: bool) -> None:
+    """Build the default image (a no-op when nothing changed)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from backend.image import ImageBuilder, ImageBuildError
+
+    builder = ImageBuilder(default_paths())
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("checking", total=1.0)
+
+        def report(step: str, fraction: float) -> None:
+            progress.update(task, description=step, completed=fraction)
+
+        try:
+            manifest = builder.build(force=force, progress=report)
+        except ImageBuildError as exc:
+            progress.stop()
+            click.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"  fix: {exc.hint}", err=True)
+            sys.exit(1)
+    if manifest is None:
+        status = builder.status()
+        assert status.manifest is not None
+        click.echo(f"image {status.name} {status.manifest.version} is up to date: nothing to do")
+        return
+    rootfs = manifest.files["rootfs.ext4"]
+    click.echo(
+        f"built image {manifest.name} {manifest.version} in {manifest.build_seconds:.1f} s "
+        f"(kernel {manifest.kernel_release}, rootfs {rootfs.allocated / 2**20:.0f} MiB "
+        f"allocated of {rootfs.size / 2**20:.0f} MiB) at {builder.image_dir}"
+    )
+
+
+@image.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def image_list(as_json: bool) -> None:
+    """List the images in the data dir."""
+    from backend.image import ImageBuilder
+
+    statuses = ImageBuilder(default_paths()).list_images()
+    if as_json:
+        out: list[dict[str, Any]] = []
+        for s in statuses:
+            out.append(
+                {
+                    "name": s.name,
+                    "path": str(s.path),
+                    "present": s.present,
+                    "up_to_date": s.up_to_date,
+                    "manifest": asdict(s.manifest) if s.manifest else None,
+                }
+            )
+        click.echo(json.dumps(out, indent=2))
+        return
+    if not statuses:
+        click.echo("no images: run `wrenn-tui image build`")
+    for s in statuses:
+        if s.manifest is None:
+            click.echo(f"{s.name:<10} incomplete  {s.path}")
+            continue
+        m = s.manifest
+        size = sum(f.allocated for f in m.files.values()) / 2**20
+        state = "current" if s.up_to_date else "outdated"
+        click.echo(
+            f"{s.name:<10} {m.version}  {state:<8} kernel {m.kernel_release}  "
+            f"envd {m.envd_version}  {size:.0f} MiB  {s.path}"
+        )
+
+
+# -- capsules ---------------------------------------------------------------------------------
+
+
+def _run(coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def _capsule_dict(c: Any) -> dict[str, Any]:
+    data = asdict(c)
+    data["state"] = c.state.value
+    data.pop("access_token", None)
+    return data
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+async def _with_manager(fn: Any) -> Any:
+    from backend.capsules.manager import CapsuleManager
+
+    manager = CapsuleManager(default_paths())
+    try:
+        await manager.start(watchdog=False)
+        return await fn(manager)
+    finally:
+        await manager.close()
+
+
+@main.group()
+def capsule() -> None:
+    """Create, inspect, pause, resume, destroy capsules and run commands in them."""
+
+
+@capsule.command("create")
+@click.option("--memory", "memory_mib", default=256, show_default=True, help="RAM in MiB.")
+@click.option("--vcpus", default=1, show_default=True)
+@click.option("--template", default="default", show_default=True)
+@click.option("--auto-pause", "auto_pause_s", default=0, help="Pause after N idle seconds.")
+@click.option("--json", "as_json", is_flag=True)
+def capsule_create(
+    memory_mib: int, vcpus: int, template: str, auto_pause_s: int, as_json: bool
+) -> None:
+    """Boot a new capsule and wait until its envd answers."""
+    from backend.capsules.errors import CapsuleError
+
+    try:
+        c = _run(
+            _with_manager(
+                lambda m: m.create(
+                    memory_mib=memory_mib, vcpus=vcpus, template=template, auto_pause_s=auto_pause_s
+                )
+            )
+        )
+    except CapsuleError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(_capsule_dict(c), indent=2))
+    else:
+        click.echo(
+            f"{c.id} running ({c.memory_mib} MiB, {c.vcpus} vCPU, {c.extra.get('boot_s', 0):.1f} s)"
+        )
+
+
+@capsule.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def capsule_list(as_json: bool) -> None:
+    """List capsules and their states."""
+    capsules = _run(_with_manager(lambda m: _async_value(m.list_capsules())))
+    if as_json:
+        click.echo(json.dumps([_capsule_dict(c) for c in capsules], indent=2))
+        return
+    if not capsules:
+        click.echo("no capsules: `wrenn-tui capsule create`")
+    for c in capsules:
+        reason = f"  ({c.reason})" if c.reason else ""
+        click.echo(
+            f"{c.id}  {c.state.value:<8} {c.memory_mib:>5} MiB  {c.vcpus} vCPU  "
+            f"gen {c.generation}{reason}"
+        )
+
+
+async def _async_value(value: Any) -> Any:
+    return value
+
+
+@capsule.command("get")
+@click.argument("capsule_id")
+@click.option("--json", "as_json", is_flag=True)
+def capsule_get(capsule_id: str, as_json: bool) -> None:
+    """Show one capsule, its snapshots and recent events."""
+    from backend.capsules.errors import CapsuleError
+
+    async def get(m: Any) -> Any:
+        return m.get(capsule_id), m.snapshots(capsule_id), m.events(capsule_id, 20)
+
+    try:
+        c, snapshots, events = _run(_with_manager(get))
+    except CapsuleError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    **_capsule_dict(c),
+                    "snapshots": [asdict(s) for s in snapshots],
+                    "events": [asdict(e) for e in events],
+                },
+                indent=2,
+            )
+        )
+        return
+    for key, value in _capsule_dict(c).items():
+        click.echo(f"{key:<14} {value}")
+    for s in snapshots:
+        click.echo(
+            f"snapshot gen {s.generation}: {s.total_allocated / 2**20:.1f} MiB "
+            f"({s.pause_seconds:.2f} s)"
+        )
+    for e in events:
+        click.echo(f"event {e.kind:<10} {e.message}")
+
+
+@capsule.command("pause")
+@click.argument("capsule_id")
+@click.option("--json", "as_json", is_flag=True)
+def capsule_pause(capsule_id: str, as_json: bool) -> None:
+    """Snapshot a running capsule to disk and stop its VM."""
+    from backend.capsules.errors import CapsuleError
+
+    try:
+        s = _run(_with_manager(lambda m: m.pause(capsule_id)))
+    except CapsuleError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(asdict(s), indent=2))
+    else:
+        click.echo(
+            f"{capsule_id} paused: generation {s.generation}, "
+            f"{s.total_allocated / 2**20:.1f} MiB on disk, {s.pause_seconds:.2f} s"
+        )
+
+
+@capsule.command("resume")
+@click.argument("capsule_id")
+@click.option("--json", "as_json", is_flag=True)
+def capsule_resume(capsule_id: str, as_json: bool) -> None:
+    """Resume a paused capsule from its snapshot."""
+    from backend.capsules.errors import CapsuleError
+
+    try:
+        c = _run(_with_manager(lambda m: m.resume(capsule_id)))
+    except CapsuleError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(_capsule_dict(c), indent=2))
+    else:
+        click.echo(f"{capsule_id} running (resumed in {c.extra.get('resume_s', 0):.2f} s)")
+
+
+@capsule.command("destroy")
+@click.argument("capsule_id")
+def capsule_destroy(capsule_id: str) -> None:
+    """Kill a capsule's VM and delete everything it had."""
+    from backend.capsules.errors import CapsuleError
+
+    try:
+        _run(_with_manager(lambda m: m.destroy(capsule_id)))
+    except CapsuleError as exc:
+        _fail(exc)
+    click.echo(f"{capsule_id} destroyed")
+
+
+@capsule.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("capsule_id")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def capsule_exec(capsule_id: str, argv: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Run a command in a capsule: `wrenn-tui capsule exec ID -- sh -c 'echo hi'`."""
+    import shlex
+
+    from backend.capsules.errors import CapsuleError
+
+    cmd = shlex.join(argv)
+    try:
+        result = _run(_with_manager(lambda m: m.exec(capsule_id, cmd, timeout=timeout)))
+    except CapsuleError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        sys.exit(result.exit_code)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.stdout.flush()
+    sys.exit(result.exit_code)

@@ -1,0 +1,234 @@
+"""The root filesystem, in layers so that a change to envd re-packs in seconds.
+
+base  : debootstrap minbase + python3, trimmed (cached by suite and package list; ~1 min)
+wheels: envd's pinned dependencies as installed wheels (cached by requirements.txt)
+layer : envd's source from this repo, the capsule init, image metadata (rebuilt every time)
+pack  : base + wheels + layer copied into one tree, byte-compiled, `mkfs.ext4 -d` (seconds)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import httpx
+
+from backend.image.errors import ImageBuildError
+from backend.image.tools import run
+
+TRIM = (
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "var/lib/apt/lists",
+    "var/cache/apt",
+    "var/log",
+)
+GUEST_HOSTNAME = "capsule"
+SLIRP_DNS = "10.0.2.3"
+
+
+def debian_mirror(suite: str) -> str:
+    """The Debian mirror this host's apt uses for `suite` (or WRENN_DEBIAN_MIRROR)."""
+    override = os.environ.get("WRENN_DEBIAN_MIRROR")
+    if override:
+        return override
+    sources: list[Path] = [Path("/etc/apt/sources.list")]
+    sources_dir = Path("/etc/apt/sources.list.d")
+    if sources_dir.is_dir():
+        sources += sorted(sources_dir.iterdir())
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if path.suffix == ".sources":
+            for block in text.split("\n\n"):
+                uris = re.search(r"^URIs:\s*(\S+)", block, re.M)
+                suites = re.search(r"^Suites:\s*(.+)$", block, re.M)
+                if uris and suites and suite in suites.group(1).split():
+                    return uris.group(1)
+        else:
+            for line in text.splitlines():
+                m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", line)
+                if m and m.group(2) == suite:
+                    return m.group(1)
+    raise ImageBuildError(
+        f"no Debian mirror for {suite!r} in this host's apt sources",
+        "set WRENN_DEBIAN_MIRROR to a Debian mirror URL",
+    )
+
+
+def check_mirror(mirror: str, suite: str) -> None:
+    url = f"{mirror.rstrip('/')}/dists/{suite}/Release"
+    try:
+        response = httpx.head(url, timeout=15, follow_redirects=True)
+    except httpx.HTTPError as exc:
+        raise ImageBuildError(
+            f"cannot reach the Debian mirror {mirror}: {exc}",
+            "check the network, or set WRENN_DEBIAN_MIRROR to a reachable mirror",
+        ) from exc
+    if response.status_code != 200:
+        raise ImageBuildError(
+            f"the Debian mirror {mirror} has no {suite} (HTTP {response.status_code} for {url})",
+            "set WRENN_DEBIAN_MIRROR to a Debian mirror URL",
+        )
+
+
+def build_base(
+    suite: str, variant: str, packages: tuple[str, ...], mirror: str, dest: Path, work: Path
+) -> None:
+    """debootstrap into `work`, trim it, configure the guest basics, rename to `dest`."""
+    rootfs = work / "rootfs"
+    work.mkdir(parents=True)
+    run(
+        [
+            "debootstrap",
+            f"--variant={variant}",
+            f"--include={','.join(packages)}",
+            suite,
+            rootfs,
+            mirror,
+        ],
+        what="debootstrap",
+        hint=f"is {mirror} reachable? try `apt-get update`",
+    )
+    for rel in TRIM:
+        target = rootfs / rel
+        if target.is_dir():
+            shutil.rmtree(target)
+            target.mkdir(mode=0o755)
+    (rootfs / "etc" / "hostname").write_text(f"{GUEST_HOSTNAME}\n")
+    (rootfs / "etc" / "hosts").write_text(
+        f"127.0.0.1 localhost\n127.0.1.1 {GUEST_HOSTNAME}\n::1 localhost\n"
+    )
+    resolv = rootfs / "etc" / "resolv.conf"
+    resolv.unlink(missing_ok=True)
+    resolv.write_text(f"nameserver {SLIRP_DNS}\n")
+    (rootfs / "etc" / "fstab").write_text("# capsule: mounts are made by /sbin/wrenn-init\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work.rename(dest)
+
+
+def guest_python_version(base_rootfs: Path) -> str:
+    versions = sorted(
+        p.name.removeprefix("python")
+        for p in (base_rootfs / "usr" / "lib").glob("python3.*")
+        if re.fullmatch(r"python3\.\d+", p.name)
+    )
+    if not versions:
+        raise ImageBuildError("the base root filesystem has no python3")
+    return versions[-1]
+
+
+def install_wheels(requirements: Path, python_version: str, dest: Path, work: Path) -> None:
+    """Install envd's pinned wheels for the guest's Python into `dest` (via `work`)."""
+    work.mkdir(parents=True)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-compile",
+            "--implementation",
+            "cp",
+            "--python-version",
+            python_version,
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux2014_x86_64",
+            "--platform",
+            "any",
+            "--target",
+            work / "site",
+            "-r",
+            requirements,
+        ],
+        what="installing envd's wheels",
+        hint="is PyPI reachable?",
+    )
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work.rename(dest)
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    run(["cp", "-a", f"{src}/.", dest], what=f"copying {src.name}")
+
+
+def build_layer(
+    envd_package: Path, backend_init: Path, wrenn_init: Path, image_info: str, layer: Path
+) -> None:
+    envd_root = layer / "opt" / "wrenn" / "envd" / "backend"
+    shutil.copytree(
+        envd_package,
+        envd_root / "envd",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    shutil.copy2(backend_init, envd_root / "__init__.py")
+    # /sbin is a link to usr/sbin on merged-/usr systems: install through the real path
+    sbin = layer / "usr" / "sbin"
+    sbin.mkdir(parents=True)
+    shutil.copy2(wrenn_init, sbin / "wrenn-init")
+    (sbin / "wrenn-init").chmod(0o755)
+    (layer / "etc" / "wrenn").mkdir(parents=True)
+    (layer / "etc" / "wrenn" / "image.json").write_text(image_info)
+    (layer / "var" / "log").mkdir(parents=True)
+
+
+def pack(base: Path, wheels: Path, layer: Path, size_mib: int, dest: Path, work: Path) -> None:
+    """Merge the layers, byte-compile with the guest's own python, make the ext4 image."""
+    tree = work / "tree"
+    tree.mkdir(parents=True)
+    copy_tree(base, tree)
+    (tree / "opt" / "wrenn" / "site").mkdir(parents=True, exist_ok=True)
+    copy_tree(wheels, tree / "opt" / "wrenn" / "site")
+    copy_tree(layer, tree)
+    # .pyc made by the guest's own interpreter: importing the server stack without them costs
+    # the guest seconds at every cold boot.
+    run(
+        [
+            "chroot",
+            tree,
+            "/usr/bin/python3",
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "/opt/wrenn",
+        ],
+        what="byte-compiling envd in the guest tree",
+    )
+    run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "wrenn-root",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            tree,
+            dest,
+            f"{size_mib}M",
+        ],
+        what="mkfs.ext4",
+    )
+    shutil.rmtree(tree)

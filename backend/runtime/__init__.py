@@ -1,0 +1,1 @@
+"""The VMM layer: one narrow interface, a QEMU implementation behind it."""

@@ -1,0 +1,398 @@
+"""QEMU on the microvm machine, driven over QMP with `qemu.qmp`.
+
+The device list is fixed (restore needs the identical list and order): virtio-blk (the capsule's
+qcow2 overlay), virtio-net on user-mode networking with one host forward to envd on 127.0.0.1,
+a balloon with deflate-on-oom and free-page reporting, virtio-rng (without it Python blocks on
+entropy at boot), serial console to a file. Guest RAM is a shared file under /dev/shm: pausing
+saves only the device state (`x-ignore-shared`) and copies that file.
+
+Metadata channel: the guest opens TCP 10.0.2.100:80 and reads one JSON document until EOF.
+QEMU's `guestfwd` runs `cat <run dir>/metadata.json` for each such connection, so the host
+changes a capsule's metadata by rewriting that file, and it works while no agent runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from qemu.qmp import QMPClient, QMPError
+
+from backend.runtime.accel import QEMU_BINARY
+from backend.runtime.base import BalloonStats, VMConfig, VMMError
+
+METADATA_ADDRESS = "10.0.2.100"
+METADATA_PORT = 80
+QMP_CONNECT_TIMEOUT_S = 10.0
+BALLOON_POLL_INTERVAL_S = 5
+MIGRATION_BANDWIDTH = 16 << 30
+
+
+def host_tsc_khz() -> int:
+    """The host TSC frequency; microvm has no HPET/PM timer, so the guest must be told."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    return 2_000_000
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
+    c = config
+    if c.accel == "kvm":
+        accel, cpu = ["-accel", "kvm"], "host"
+    else:
+        accel, cpu = ["-accel", "tcg,thread=multi,tb-size=64"], "qemu64,+arat"
+    append = [
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        f"tsc_early_khz={host_tsc_khz()}",
+        "tsc=reliable",
+        "8250.nr_uarts=1",
+        *c.extra_append,
+    ]
+    metadata_cmd = f"cat {shlex.quote(str(c.metadata_file))}"
+    netdev = (
+        f"user,id=n0,restrict={'on' if c.network == 'none' else 'off'},"
+        f"hostfwd=tcp:127.0.0.1:{c.host_port}-:{c.guest_port},"
+        f"guestfwd=tcp:{METADATA_ADDRESS}:{METADATA_PORT}-cmd:{metadata_cmd}"
+    )
+    argv = [
+        QEMU_BINARY,
+        *accel,
+        "-M",
+        "microvm,memory-backend=mem0",
+        "-cpu",
+        cpu,
+        "-m",
+        f"{c.memory_mib}M",
+        "-smp",
+        str(c.vcpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(c.kernel),
+        "-initrd",
+        str(c.initrd),
+        "-append",
+        " ".join(append),
+        "-object",
+        f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={c.ram_file},share=on",
+        "-drive",
+        f"file={c.disk},if=none,id=d0,format=qcow2,cache=writeback,discard=unmap",
+        "-device",
+        "virtio-blk-device,drive=d0",
+        "-netdev",
+        netdev,
+        "-device",
+        "virtio-net-device,netdev=n0",
+        "-device",
+        "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on",
+        "-device",
+        "virtio-rng-device",
+        "-qmp",
+        f"unix:{c.qmp_socket},server=on,wait=off",
+        "-serial",
+        f"file:{c.console_log}",
+        "-name",
+        f"wrenn-{c.capsule_id},process=wrenn-{c.capsule_id}",
+    ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def pid_is_vm(pid: int, config: VMConfig) -> bool:
+    """True when `pid` is a live QEMU serving this capsule's QMP socket (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return (
+        bool(cmdline)
+        and cmdline[0].endswith(QEMU_BINARY.encode())
+        and f"unix:{config.qmp_socket},server=on,wait=off".encode() in cmdline
+    )
+
+
+class QemuVM:
+    """One QEMU process. QMP accepts one client at a time, and the dashboard and the CLI may
+    both drive a capsule, so a connection is opened per operation (`session`), never held."""
+
+    def __init__(
+        self, config: VMConfig, pid: int, process: subprocess.Popen[bytes] | None = None
+    ) -> None:
+        self.config = config
+        self._pid = pid
+        self._process = process
+        self._qmp: QMPClient | None = None
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[QemuVM]:
+        """Hold one QMP connection for a sequence of commands."""
+        async with self._lock:
+            self._qmp = await _connect_qmp(self.config, self.alive, QMP_CONNECT_TIMEOUT_S)
+            try:
+                yield self
+            finally:
+                qmp, self._qmp = self._qmp, None
+                with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
+                    await asyncio.wait_for(qmp.disconnect(), 5)
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def alive(self) -> bool:
+        if self._process is not None:
+            return self._process.poll() is None
+        return pid_is_vm(self._pid, self.config)
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """Run one QMP command (inside `session`, or in a connection of its own)."""
+        if self._qmp is None:
+            async with self.session():
+                return await self.execute(command, arguments)
+        try:
+            return await asyncio.wait_for(self._qmp.execute(command, arguments), 30)
+        except (TimeoutError, QMPError, OSError) as exc:
+            raise VMMError(f"QMP {command} failed: {exc}") from exc
+
+    async def status(self) -> str:
+        result = await self.execute("query-status")
+        assert isinstance(result, dict)
+        return str(result["status"])
+
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def snapshot_create(self, device_state: Path) -> None:
+        """Save device state only: RAM is a shared file, skipped by `x-ignore-shared`."""
+        if self._qmp is None:
+            async with self.session():
+                return await self.snapshot_create(device_state)
+        await self.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "x-ignore-shared", "state": True},
+                ]
+            },
+        )
+        await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+        target = shlex.quote(str(device_state))
+        await self.execute("migrate", {"uri": f"exec:cat > {target}"})
+        deadline = time.monotonic() + 60
+        while True:
+            info = await self.execute("query-migrate")
+            assert isinstance(info, dict)
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise VMMError(f"saving device state failed: {info.get('error-desc', status)}")
+            if time.monotonic() > deadline:
+                await self.execute("migrate_cancel")
+                raise VMMError("saving device state timed out")
+            await asyncio.sleep(0.005)
+
+    async def balloon_stats(self) -> BalloonStats:
+        if self._qmp is None:
+            async with self.session():
+                return await self.balloon_stats()
+        raw = await self.execute(
+            "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}
+        )
+        info = await self.execute("query-balloon")
+        assert isinstance(raw, dict) and isinstance(info, dict)
+        stats = raw.get("stats", {})
+
+        def stat(key: str) -> int | None:
+            value = stats.get(key)
+            return int(value) if isinstance(value, int) and value >= 0 else None
+
+        return BalloonStats(
+            actual=int(info["actual"]) if "actual" in info else None,
+            free=stat("stat-free-memory"),
+            total=stat("stat-total-memory"),
+            available=stat("stat-available-memory"),
+            disk_caches=stat("stat-disk-caches"),
+            last_update=int(raw["last-update"]) if raw.get("last-update") else None,
+        )
+
+    async def quit(self) -> None:
+        with contextlib.suppress(VMMError):
+            await self.execute("quit")
+        await self.wait_exit(5.0)
+        if self.alive():
+            self.kill()
+            await self.wait_exit(5.0)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        if self._process is not None:
+            self._process.wait()
+        return True
+
+
+async def _connect_qmp(config: VMConfig, is_alive: Callable[[], bool], timeout: float) -> QMPClient:
+    client = QMPClient(f"wrenn-{config.capsule_id}")
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not is_alive():
+            break
+        if config.qmp_socket.exists():
+            try:
+                await asyncio.wait_for(client.connect(str(config.qmp_socket)), 5)
+                return client
+            except (TimeoutError, QMPError, OSError) as exc:
+                last = exc
+        await asyncio.sleep(0.02)
+    raise VMMError(f"cannot connect to QEMU's QMP socket {config.qmp_socket}: {last or 'exited'}")
+
+
+def _vmm_log_tail(config: VMConfig) -> str:
+    try:
+        return config.vmm_log.read_text(errors="replace").strip()[-800:]
+    except OSError:
+        return ""
+
+
+class QemuRuntime:
+    name = "qemu"
+
+    def __init__(self, accel: str) -> None:
+        self.accel = accel
+
+    def _spawn(self, config: VMConfig, incoming: bool) -> subprocess.Popen[bytes]:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        config.qmp_socket.unlink(missing_ok=True)
+        log = config.vmm_log.open("ab")
+        try:
+            proc = subprocess.Popen(
+                build_argv(config, incoming),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                # its own session: the VM outlives the agent (and a ctrl+c in the dashboard)
+                start_new_session=True,
+                # guest RAM and sockets are private to the user
+                preexec_fn=lambda: os.umask(0o077),
+            )
+        except FileNotFoundError as exc:
+            raise VMMError(
+                "QEMU not found: run `make setup`, or apt-get install qemu-system-x86"
+            ) from exc
+        finally:
+            log.close()
+        config.pid_file.write_text(f"{proc.pid}\n")
+        return proc
+
+    async def _start(self, config: VMConfig, incoming: bool) -> QemuVM:
+        proc = self._spawn(config, incoming)
+        vm = QemuVM(config, proc.pid, proc)
+        try:
+            async with vm.session():
+                await vm.execute("query-status")
+        except VMMError as exc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            raise VMMError(f"QEMU failed to start: {_vmm_log_tail(config) or exc}") from exc
+        with contextlib.suppress(VMMError):
+            await vm.execute(
+                "qom-set",
+                {
+                    "path": "/machine/peripheral/balloon0",
+                    "property": "guest-stats-polling-interval",
+                    "value": BALLOON_POLL_INTERVAL_S,
+                },
+            )
+        return vm
+
+    async def create(self, config: VMConfig) -> QemuVM:
+        return await self._start(config, incoming=False)
+
+    async def restore(self, config: VMConfig, device_state: Path) -> QemuVM:
+        vm = await self._start(config, incoming=True)
+        try:
+            async with vm.session():
+                await self._incoming(vm, device_state)
+        except BaseException:
+            vm.kill()
+            await vm.wait_exit(5)
+            raise
+        return vm
+
+    async def _incoming(self, vm: QemuVM, device_state: Path) -> None:
+        config = vm.config
+        await vm.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "x-ignore-shared", "state": True},
+                ]
+            },
+        )
+        source = shlex.quote(str(device_state))
+        await vm.execute("migrate-incoming", {"uri": f"exec:cat {source}"})
+        deadline = time.monotonic() + 60
+        while True:
+            info = await vm.execute("query-migrate")
+            assert isinstance(info, dict)
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status == "failed" or not vm.alive():
+                raise VMMError(
+                    f"restoring device state failed: {info.get('error-desc', status)} "
+                    f"{_vmm_log_tail(config)}"
+                )
+            if time.monotonic() > deadline:
+                raise VMMError("restoring device state timed out")
+            await asyncio.sleep(0.005)
+        await vm.cont()
+
+    async def adopt(self, config: VMConfig, pid: int) -> QemuVM:
+        if not pid_is_vm(pid, config):
+            raise VMMError(f"pid {pid} is not the QEMU of {config.capsule_id}")
+        vm = QemuVM(config, pid)
+        async with vm.session():
+            await vm.execute("query-status")
+        return vm

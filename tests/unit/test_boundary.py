@@ -1,0 +1,54 @@
+"""backend/ never imports the TUI: the CLI and the dashboard share one backend API."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import backend
+
+BACKEND = Path(backend.__file__).parent
+FORBIDDEN = ("textual", "tui", "textual_plotext", "plotext", "pyte")
+ENVD_ALLOWED_THIRD_PARTY = {"starlette", "uvicorn", "anyio", "websockets", "multipart",
+                            "python_multipart", "h11", "click", "idna", "typing_extensions"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_backend_source_never_imports_the_tui() -> None:
+    offenders = {
+        str(p.relative_to(BACKEND)): sorted(_imports(p) & set(FORBIDDEN))
+        for p in BACKEND.rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_envd_imports_only_stdlib_and_its_pinned_wheels() -> None:
+    stdlib = set(sys.stdlib_module_names)
+    for path in (BACKEND / "envd").rglob("*.py"):
+        modules = _imports(path) - stdlib - ENVD_ALLOWED_THIRD_PARTY - {"backend"}
+        assert not modules, f"{path.name} imports {modules}: not installed in the guest"
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.startswith("backend."):
+                assert node.module.startswith("backend.envd"), f"{path.name}: {node.module}"
+
+
+def test_importing_the_backend_api_loads_no_textual() -> None:
+    code = (
+        "import sys, backend.capsules.manager, backend.cli, backend.doctor, backend.image;"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('textual','tui')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
