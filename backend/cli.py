@@ -38,8 +38,6 @@ def doctor(as_json: bool) -> None:
             line = f"{mark} {c.name:<10} {c.detail}"
             if c.fix and not c.ok:
                 line += f"\n     {'':<10} fix: {c.fix}"
-            elif c.fix:
-                line += f" ({c.fix})"
             click.echo(line)
         click.echo("capsules can run" if ok else "capsules cannot run: see the fixes above")
     sys.exit(0 if ok else 1)

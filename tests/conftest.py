@@ -19,8 +19,9 @@ def scratch_paths(root: Path) -> Paths:
     """The real image and caches, with a private state dir (short: QMP socket paths are
     limited to 108 bytes)."""
     base = default_paths()
-    return Paths(data=base.data, state=root / "state", cache=base.cache,
-                 config=root / "config", shm=base.shm)
+    return Paths(
+        data=base.data, state=root / "state", cache=base.cache, config=root / "config", shm=base.shm
+    )
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +57,9 @@ def tiny_fs(short_tmp: Path) -> Iterator[Path]:
         pytest.fail("this test needs root to mount a small tmpfs (the suite runs as root)")
     mount = short_tmp / "tiny"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k,mode=0700", "tmpfs", str(mount)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k,mode=0700", "tmpfs", str(mount)], check=True
+    )
     try:
         yield mount
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -418,7 +419,15 @@ class CapsuleManager:
             try:
                 snapshot = await self._pause(capsule, vm)
             except BaseException as exc:
-                reason = f"pause failed: {exc}"
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    reason = (
+                        f"pause failed: no space left on the disk holding "
+                        f"{self.snapshot_dir(capsule_id)}; the capsule keeps running and its "
+                        f"last snapshot (generation {capsule.generation}) is untouched. "
+                        "Free some space and pause again"
+                    )
+                else:
+                    reason = f"pause failed: {exc}"
                 self._event(capsule_id, "error", reason)
                 alive = vm.alive()
                 self._save(
@@ -428,8 +437,6 @@ class CapsuleManager:
                         pid=capsule.pid if alive else None,
                     )
                 )
-                if isinstance(exc, CapsuleError):
-                    raise
                 if isinstance(exc, Exception):
                     raise CapsuleError(reason) from exc
                 raise
@@ -462,7 +469,7 @@ class CapsuleManager:
                     os.link(disk_src, tmp / "disk.qcow2")
                     disk_sha = await asyncio.to_thread(sparse.sparse_checksum, tmp / "disk.qcow2")
                 except OSError as exc:
-                    if exc.errno != 18:  # EXDEV: snapshots on another filesystem
+                    if exc.errno != errno.EXDEV:  # snapshots on another filesystem
                         raise
                     disk = await asyncio.to_thread(sparse.sparse_copy, disk_src, tmp / "disk.qcow2")
                     disk_sha = disk.sha256

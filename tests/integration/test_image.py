@@ -14,12 +14,15 @@ from backend.config import Paths
 from backend.image import ImageBuildError, ImageBuilder
 from backend.image import tools as image_tools
 
-WRENN = [sys.executable, "-m", "tui.cli"]
+WRENN = [sys.executable, "-m", "tui"]
 
 
 def wrenn(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*WRENN, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+        [*WRENN, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
         timeout=600,
     )
 
@@ -53,11 +56,14 @@ def test_manifest_checksums_match_the_files(built_image: Path) -> None:
 
     manifest = load_manifest(built_image)
     assert manifest is not None
-    assert sparse_checksum(built_image / "initrd.cpio.gz") == manifest.files["initrd.cpio.gz"].sha256
+    assert (
+        sparse_checksum(built_image / "initrd.cpio.gz") == manifest.files["initrd.cpio.gz"].sha256
+    )
 
 
-def test_changed_envd_source_makes_the_image_outdated(built_image: Path, paths: Paths,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changed_envd_source_makes_the_image_outdated(
+    built_image: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     builder = ImageBuilder(paths)
     assert builder.status().up_to_date
     real = builder.envd_source_hash()
@@ -66,9 +72,15 @@ def test_changed_envd_source_makes_the_image_outdated(built_image: Path, paths: 
 
 
 def test_full_disk_fails_clearly_and_leaves_no_image(tiny_fs: Path, short_tmp: Path) -> None:
-    result = wrenn("image", "build", env={"WRENN_DATA_DIR": str(tiny_fs / "data"),
-                                          "WRENN_CACHE_DIR": str(tiny_fs / "cache"),
-                                          "WRENN_STATE_DIR": str(short_tmp / "state")})
+    result = wrenn(
+        "image",
+        "build",
+        env={
+            "WRENN_DATA_DIR": str(tiny_fs / "data"),
+            "WRENN_CACHE_DIR": str(tiny_fs / "cache"),
+            "WRENN_STATE_DIR": str(short_tmp / "state"),
+        },
+    )
     assert result.returncode == 1
     assert "free" in result.stderr and "fix:" in result.stderr
     images = tiny_fs / "data" / "images"
@@ -77,12 +89,18 @@ def test_full_disk_fails_clearly_and_leaves_no_image(tiny_fs: Path, short_tmp: P
 
 def test_not_root_fails_with_the_fix(short_tmp: Path) -> None:
     short_tmp.chmod(0o755)
-    env = {"WRENN_DATA_DIR": str(short_tmp / "data"), "WRENN_CACHE_DIR": str(short_tmp / "c"),
-           "WRENN_STATE_DIR": str(short_tmp / "s"), "HOME": str(short_tmp)}
+    env = {
+        "WRENN_DATA_DIR": str(short_tmp / "data"),
+        "WRENN_CACHE_DIR": str(short_tmp / "c"),
+        "WRENN_STATE_DIR": str(short_tmp / "s"),
+        "HOME": str(short_tmp),
+    }
     result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *WRENN, "image",
-         "build"],
-        capture_output=True, text=True, env={**os.environ, **env}, cwd=Path(__file__).parents[2],
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *WRENN, "image", "build"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=Path(__file__).parents[2],
         timeout=120,
     )
     assert result.returncode == 1, result.stdout + result.stderr

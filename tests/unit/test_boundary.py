@@ -9,8 +9,18 @@ import backend
 
 BACKEND = Path(backend.__file__).parent
 FORBIDDEN = ("textual", "tui", "textual_plotext", "plotext", "pyte")
-ENVD_ALLOWED_THIRD_PARTY = {"starlette", "uvicorn", "anyio", "websockets", "multipart",
-                            "python_multipart", "h11", "click", "idna", "typing_extensions"}
+ENVD_ALLOWED_THIRD_PARTY = {
+    "starlette",
+    "uvicorn",
+    "anyio",
+    "websockets",
+    "multipart",
+    "python_multipart",
+    "h11",
+    "click",
+    "idna",
+    "typing_extensions",
+}
 
 
 def _imports(path: Path) -> set[str]:
@@ -39,8 +49,12 @@ def test_envd_imports_only_stdlib_and_its_pinned_wheels() -> None:
         assert not modules, f"{path.name} imports {modules}: not installed in the guest"
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                    and node.module.startswith("backend."):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and node.module.startswith("backend.")
+            ):
                 assert node.module.startswith("backend.envd"), f"{path.name}: {node.module}"
 
 

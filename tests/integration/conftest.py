@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from backend.capsules.manager import CapsuleManager
+from backend.config import Paths
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+async def manager(paths: Paths) -> AsyncIterator[CapsuleManager]:
+    m = CapsuleManager(paths)
+    await m.start(watchdog=False)
+    try:
+        yield m
+    finally:
+        await destroy_all(paths)
+        with contextlib.suppress(Exception):
+            await m.close()
+
+
+async def destroy_all(paths: Paths) -> None:
+    """Leave no QEMU behind, whatever state the test left the capsules in."""
+    cleaner = CapsuleManager(paths)
+    try:
+        for capsule in cleaner.list_capsules():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(cleaner.destroy(capsule.id), 30)
+    finally:
+        await cleaner.close()
