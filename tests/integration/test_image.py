@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import Paths
-from backend.image import ImageBuildError, ImageBuilder
+from backend.image import ImageBuilder, ImageBuildError
 from backend.image import tools as image_tools
 
 WRENN = [sys.executable, "-m", "tui"]
