@@ -50,6 +50,10 @@ REPORTING_MIN_WAIT_S = 2.3
 """The guest reports freed pages only after a ~2 s delay; stopping earlier keeps them."""
 REPORTING_SETTLE_S = 0.4
 REPORTING_MAX_WAIT_S = 5.0
+BALLOON_MARGIN = 24 << 20
+"""Memory left to the guest while its balloon is inflated for a snapshot."""
+BALLOON_MAX_WAIT_S = 3.0
+BALLOON_STALL_S = 0.3
 DEFAULT_MEMORY_MIB = 256
 ENVD_PORT = 49983
 
@@ -407,7 +411,12 @@ class CapsuleManager:
 
     # -- pause ------------------------------------------------------------------------------
 
-    async def pause(self, capsule_id: str) -> Snapshot:
+    async def pause(self, capsule_id: str, prepare: bool = True) -> Snapshot:
+        """Snapshot a running capsule to disk and stop its VM.
+
+        `prepare=False` skips the guest's page-cache drop: the snapshot then holds the whole
+        page cache (benchmarks use it to show what the preparation saves).
+        """
         async with self.locks.hold(capsule_id):
             capsule = self.get(capsule_id)
             if capsule.state != State.RUNNING:
@@ -417,7 +426,7 @@ class CapsuleManager:
                 raise CapsuleError(f"cannot pause {capsule_id}: its QEMU is not running")
             capsule = self._save(capsule.with_(state=State.PAUSING))
             try:
-                snapshot = await self._pause(capsule, vm)
+                snapshot = await self._pause(capsule, vm, prepare)
             except BaseException as exc:
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                     reason = (
@@ -442,15 +451,22 @@ class CapsuleManager:
                 raise
             return snapshot
 
-    async def _pause(self, capsule: Capsule, vm: QemuVM) -> Snapshot:
+    async def _pause(self, capsule: Capsule, vm: QemuVM, prepare: bool) -> Snapshot:
         started = time.monotonic()
         ram_file = self.ram_file(capsule.id)
+        timings: dict[str, float] = {}
         async with self.envd(capsule, timeout=30) as envd:
-            try:
-                await envd.snapshot_prepare()
-            except EnvdError as exc:
-                raise CapsuleError(f"envd could not prepare the snapshot: {exc}") from exc
-            await self._wait_free_page_reporting(ram_file)
+            inflated = False
+            if prepare:
+                try:
+                    prepared = await envd.snapshot_prepare()
+                except EnvdError as exc:
+                    raise CapsuleError(f"envd could not prepare the snapshot: {exc}") from exc
+                timings["prepare"] = time.monotonic() - started
+                inflated = await self._inflate_balloon(capsule, vm, prepared)
+                if not inflated:
+                    await self._wait_free_page_reporting(ram_file)
+                timings["reclaim"] = time.monotonic() - started
             generation = capsule.generation + 1
             final = self._generation_path(capsule.id, generation)
             tmp = final.with_name(final.name + ".tmp")
@@ -463,7 +479,9 @@ class CapsuleManager:
                     await vm.stop()
                     stopped = True
                     await vm.snapshot_create(tmp / "vmstate")
+                timings["device_state"] = time.monotonic() - started
                 ram = await asyncio.to_thread(sparse.sparse_copy, ram_file, tmp / "mem")
+                timings["ram_copy"] = time.monotonic() - started
                 disk_src = self.run_dir(capsule.id) / "disk.qcow2"
                 try:
                     os.link(disk_src, tmp / "disk.qcow2")
@@ -494,25 +512,41 @@ class CapsuleManager:
                 sparse.fsync_dir(tmp)
                 tmp.rename(final)
                 sparse.fsync_dir(final.parent)
+                timings["durable"] = time.monotonic() - started
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if stopped and vm.alive():
                     with contextlib.suppress(VMMError):
                         await vm.cont()
+                if inflated and vm.alive():
+                    with contextlib.suppress(VMMError):
+                        await vm.balloon_set(capsule.memory_mib << 20)
                 with contextlib.suppress(EnvdError):
                     await envd.snapshot_abort()
                 raise
         # The generation is durable: from here the capsule is paused whatever else fails.
-        pause_s = time.monotonic() - started
-        snapshot = Snapshot(**{**snapshot.__dict__, "pause_seconds": pause_s})
-        self.store.put_snapshot(snapshot)
-        self._save(capsule.with_(state=State.PAUSED, pid=None, generation=generation, reason=""))
         self._vms.pop(capsule.id, None)
         try:
             await vm.quit()
         except Exception as exc:  # the snapshot is safe; a stuck QEMU is killed
             self._event(capsule.id, "warning", f"QEMU did not quit cleanly: {exc}")
             vm.kill()
+        pause_s = time.monotonic() - started
+        timings["quit"] = pause_s
+        snapshot = Snapshot(**{**snapshot.__dict__, "pause_seconds": pause_s})
+        self.store.put_snapshot(snapshot)
+        self._save(
+            capsule.with_(
+                state=State.PAUSED,
+                pid=None,
+                generation=generation,
+                reason="",
+                extra={
+                    **capsule.extra,
+                    "pause_timings": {k: round(v, 3) for k, v in timings.items()},
+                },
+            )
+        )
         self._cleanup_run_files(capsule)
         for old in self.store.snapshots(capsule.id):
             if old.generation < generation:
@@ -525,6 +559,42 @@ class CapsuleManager:
             f"in {pause_s:.2f} s",
         )
         return snapshot
+
+    async def _inflate_balloon(
+        self, capsule: Capsule, vm: QemuVM, prepared: dict[str, Any]
+    ) -> bool:
+        """Take the guest's free memory with the balloon: QEMU punches those pages out of the
+        RAM file at once, where free-page reporting would return them only after ~2 s.
+
+        Leaves the guest BALLOON_MARGIN of headroom; deflate-on-oom gives pages back if it
+        needs more. Returns False (caller falls back to waiting for reporting) on any failure.
+        """
+        try:
+            available = int(prepared["after"]["mem_available"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        ram = capsule.memory_mib << 20
+        take = available - BALLOON_MARGIN
+        if take <= 0:
+            return False
+        target = ram - take
+        try:
+            async with vm.session():
+                await vm.balloon_set(target)
+                deadline = time.monotonic() + BALLOON_MAX_WAIT_S
+                last, last_change = await vm.balloon_actual(), time.monotonic()
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.03)
+                    actual = await vm.balloon_actual()
+                    if actual <= target + (1 << 20):
+                        break
+                    if actual != last:
+                        last, last_change = actual, time.monotonic()
+                    elif time.monotonic() - last_change > BALLOON_STALL_S:
+                        break
+        except VMMError:
+            return False
+        return True
 
     async def _wait_free_page_reporting(self, ram_file: Path) -> None:
         """Wait until the guest has handed the freed page cache back (RAM file shrinks)."""
@@ -585,6 +655,8 @@ class CapsuleManager:
             return self._save(capsule.with_(extra={**capsule.extra, "resume_s": resume_s}))
 
     async def _resume(self, capsule: Capsule, snapshot: Snapshot) -> Capsule:
+        started = time.monotonic()
+        timings: dict[str, float] = {}
         gen = Path(snapshot.path)
         run_dir = self.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -610,19 +682,30 @@ class CapsuleManager:
                     f"{what} of generation {snapshot.generation} is corrupt "
                     "(checksum mismatch); the capsule stays paused"
                 )
+        timings["copy"] = time.monotonic() - started
         self._write_metadata(capsule)
         runtime = self.runtime(Path(capsule.image_dir))
         config = self.vm_config(capsule)
         with contextlib.suppress(OSError):
             config.console_log.rename(config.console_log.with_suffix(".log.1"))
         vm = await runtime.restore(config, gen / "vmstate")
+        timings["restore"] = time.monotonic() - started
         self._vms[capsule.id] = vm
         capsule = self._save(capsule.with_(pid=vm.pid))
         async with self.envd(capsule) as envd:
             await envd.wait_healthy(RESUME_DEADLINE_S, vm.alive)
+            timings["health"] = time.monotonic() - started
+            # the snapshot was taken with the balloon inflated: give the guest its RAM back
+            await vm.balloon_set(capsule.memory_mib << 20)
             await envd.init(**self._init_body(capsule))
+            timings["init"] = time.monotonic() - started
+        extra = {**capsule.extra, "resume_timings": {k: round(v, 3) for k, v in timings.items()}}
         return capsule.with_(
-            state=State.RUNNING, started_at=time.time(), reason="", last_activity=time.time()
+            extra=extra,
+            state=State.RUNNING,
+            started_at=time.time(),
+            reason="",
+            last_activity=time.time(),
         )
 
     # -- destroy ----------------------------------------------------------------------------

@@ -88,11 +88,14 @@ class VM(Protocol):
 
     async def balloon_stats(self) -> BalloonStats: ...
 
+    async def balloon_actual(self) -> int:
+        """The guest's memory size now (RAM minus the balloon), bytes."""
+
+    async def balloon_set(self, target_bytes: int) -> None:
+        """Inflate or deflate the balloon towards a guest memory size."""
+
     async def quit(self) -> None:
         """Ask the VMM to exit, kill it if it does not."""
-
-    async def close(self) -> None:
-        """Drop the control connection; the VMM keeps running."""
 
 
 class Runtime(Protocol):

@@ -247,6 +247,16 @@ class QemuVM:
             last_update=int(raw["last-update"]) if raw.get("last-update") else None,
         )
 
+    async def balloon_actual(self) -> int:
+        """The guest's current memory size in bytes (RAM minus the balloon)."""
+        info = await self.execute("query-balloon")
+        assert isinstance(info, dict)
+        return int(info["actual"])
+
+    async def balloon_set(self, target_bytes: int) -> None:
+        """Ask the guest to inflate/deflate the balloon until its memory is `target_bytes`."""
+        await self.execute("balloon", {"value": int(target_bytes)})
+
     async def quit(self) -> None:
         with contextlib.suppress(VMMError):
             await self.execute("quit")

@@ -1,0 +1,112 @@
+"""Lifecycle benchmark: cold boot, pause, resume and snapshot sizes, in one run.
+
+    python -m bench.lifecycle [--memory 256]
+
+Prints one JSON object. Sizes are bytes allocated on disk by a snapshot generation (RAM file +
+device state + disk overlay). The 200 MB "file" is read from the guest's root block device
+(`dd if=/dev/vda`), so it fills the page cache without growing the capsule's disk overlay and the
+three snapshots differ only in what the page cache costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from backend.capsules.manager import CapsuleManager
+from backend.config import Paths, default_paths
+
+READ_200MB = "dd if=/dev/vda of=/dev/null bs=1M count=200 status=none"
+
+
+def scratch_paths(root: Path) -> Paths:
+    base = default_paths()
+    return Paths(data=base.data, state=root / "state", cache=base.cache, config=root / "config",
+                 shm=base.shm)
+
+
+async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="wb-", dir="/tmp"))
+    manager = CapsuleManager(scratch_paths(root))
+    await manager.start(watchdog=False)
+    out: dict[str, Any] = {"memory_mib": memory_mib}
+    try:
+        started = time.monotonic()
+        capsule = await manager.create(memory_mib=memory_mib)
+        out["cold_boot_s"] = round(time.monotonic() - started, 3)
+        out["accel"] = capsule.accel
+        await asyncio.sleep(2)  # let boot-time page cache settle into a steady idle state
+
+        pauses, resumes = [], []
+        idle = None
+        for _ in range(cycles):
+            t = time.monotonic()
+            snap = await manager.pause(capsule.id)
+            pauses.append(time.monotonic() - t)
+            idle = idle or snap
+            t = time.monotonic()
+            await manager.resume(capsule.id)
+            resumes.append(time.monotonic() - t)
+        assert idle is not None
+        out["pause_s"] = round(statistics.median(pauses), 3)
+        out["resume_s"] = round(statistics.median(resumes), 3)
+        out["pause_max_s"] = round(max(pauses), 3)
+        out["resume_max_s"] = round(max(resumes), 3)
+        c = manager.get(capsule.id)
+        out["pause_timings"] = c.extra.get("pause_timings")
+        out["resume_timings"] = c.extra.get("resume_timings")
+        out["snapshot_idle_bytes"] = idle.total_allocated
+        out["snapshot_idle_ram_bytes"] = idle.ram_allocated
+
+        await manager.exec(capsule.id, READ_200MB)
+        snap = await manager.pause(capsule.id, prepare=False)
+        out["snapshot_read_noprepare_bytes"] = snap.total_allocated
+        await manager.resume(capsule.id)
+
+        await manager.exec(capsule.id, "sync; echo 1 > /proc/sys/vm/drop_caches")
+        await manager.exec(capsule.id, READ_200MB)
+        snap = await manager.pause(capsule.id)
+        out["snapshot_read_prepare_bytes"] = snap.total_allocated
+        out["snapshot_read_prepare_pause_s"] = round(snap.pause_seconds, 3)
+        await manager.destroy(capsule.id)
+    finally:
+        for leftover in manager.list_capsules():
+            await manager.destroy(leftover.id)
+        await manager.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    out["resume_over_cold_boot"] = round(out["resume_s"] / out["cold_boot_s"], 3)
+    out["read_prepare_over_idle"] = round(
+        out["snapshot_read_prepare_bytes"] / out["snapshot_idle_bytes"], 3)
+    out["read_prepare_over_noprepare"] = round(
+        out["snapshot_read_prepare_bytes"] / out["snapshot_read_noprepare_bytes"], 3)
+    out["targets"] = {
+        "resume_s<=0.6": out["resume_s"] <= 0.6,
+        "resume<=10%_cold_boot": out["resume_over_cold_boot"] <= 0.10,
+        "pause_s<=3": out["pause_s"] <= 3.0,
+        "read_prepare<=1.3x_idle": out["read_prepare_over_idle"] <= 1.3,
+        "read_prepare<=0.5x_noprepare": out["read_prepare_over_noprepare"] <= 0.5,
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--memory", type=int, default=256)
+    parser.add_argument("--cycles", type=int, default=3)
+    args = parser.parse_args()
+    result = asyncio.run(run(args.memory, args.cycles))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
