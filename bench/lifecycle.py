@@ -29,8 +29,9 @@ READ_200MB = "dd if=/dev/vda of=/dev/null bs=1M count=200 status=none"
 
 def scratch_paths(root: Path) -> Paths:
     base = default_paths()
-    return Paths(data=base.data, state=root / "state", cache=base.cache, config=root / "config",
-                 shm=base.shm)
+    return Paths(
+        data=base.data, state=root / "state", cache=base.cache, config=root / "config", shm=base.shm
+    )
 
 
 async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
@@ -85,9 +86,11 @@ async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
 
     out["resume_over_cold_boot"] = round(out["resume_s"] / out["cold_boot_s"], 3)
     out["read_prepare_over_idle"] = round(
-        out["snapshot_read_prepare_bytes"] / out["snapshot_idle_bytes"], 3)
+        out["snapshot_read_prepare_bytes"] / out["snapshot_idle_bytes"], 3
+    )
     out["read_prepare_over_noprepare"] = round(
-        out["snapshot_read_prepare_bytes"] / out["snapshot_read_noprepare_bytes"], 3)
+        out["snapshot_read_prepare_bytes"] / out["snapshot_read_noprepare_bytes"], 3
+    )
     out["targets"] = {
         "resume_s<=0.6": out["resume_s"] <= 0.6,
         "resume<=10%_cold_boot": out["resume_over_cold_boot"] <= 0.10,

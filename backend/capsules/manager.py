@@ -16,7 +16,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import secrets
@@ -37,7 +36,15 @@ from backend.capsules.errors import (
 )
 from backend.capsules.locks import CapsuleLocks
 from backend.capsules.models import Capsule, Event, Snapshot, State, new_capsule_id
+from backend.capsules.snapshotting import (
+    SnapshotFiles,
+    copy_out,
+    fsync_file,
+    inflate_balloon,
+    sha256_file,
+)
 from backend.capsules.store import Store
+from backend.capsules.templates import TemplateSnapshots, snapshot_key
 from backend.config import Paths
 from backend.image.builder import ImageBuilder
 from backend.runtime.accel import probe_accel
@@ -50,30 +57,11 @@ REPORTING_MIN_WAIT_S = 2.3
 """The guest reports freed pages only after a ~2 s delay; stopping earlier keeps them."""
 REPORTING_SETTLE_S = 0.4
 REPORTING_MAX_WAIT_S = 5.0
-BALLOON_MARGIN = 24 << 20
-"""Memory left to the guest while its balloon is inflated for a snapshot."""
-BALLOON_MAX_WAIT_S = 3.0
-BALLOON_STALL_S = 0.3
+
 DEFAULT_MEMORY_MIB = 256
 ENVD_PORT = 49983
 
 Listener = Callable[[Capsule], None]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CapsuleManager:
@@ -87,6 +75,7 @@ class CapsuleManager:
         self._vms: dict[str, QemuVM] = {}
         self._listeners: list[Listener] = []
         self._watchdog: asyncio.Task[None] | None = None
+        self.templates = TemplateSnapshots(paths)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -326,7 +315,12 @@ class CapsuleManager:
         template: str = "default",
         auto_pause_s: int = 0,
         network: str = "none",
+        cold: bool = False,
+        progress: Callable[[str], None] | None = None,
     ) -> Capsule:
+        """Start a capsule: restored from the template's warm snapshot (built on first use of
+        a memory size), or booted from scratch with `cold=True` or when that snapshot is
+        missing or fails its checksums (the event log says which)."""
         if not 64 <= memory_mib <= 65536:
             raise CapsuleError(f"memory must be 64..65536 MiB, not {memory_mib}")
         if not 1 <= vcpus <= 64:
@@ -363,31 +357,65 @@ class CapsuleManager:
                 f"{memory_mib} MiB, {vcpus} vCPU, {template} {status.manifest.version}, "
                 f"{runtime.accel}",
             )
-            try:
-                await self._make_overlay(image_dir / "rootfs.ext4", run_dir / "disk.qcow2")
-                self._write_metadata(capsule)
-                started = time.monotonic()
-                vm = await runtime.create(self.vm_config(capsule))
-                self._vms[capsule.id] = vm
-                capsule = self._save(capsule.with_(pid=vm.pid))
-                async with self.envd(capsule) as envd:
-                    await envd.wait_healthy(BOOT_DEADLINE_S, vm.alive)
-                    await envd.init(**self._init_body(capsule))
-                boot_s = time.monotonic() - started
-            except (VMMError, EnvdError, OSError, CapsuleError) as exc:
-                await self._kill(capsule)
-                reason = f"create failed: {exc}"
-                self._event(capsule.id, "error", reason)
-                self._save(capsule.with_(state=State.ERROR, reason=reason, pid=None))
-                raise CapsuleError(reason) from exc
-            self._event(capsule.id, "running", f"booted in {boot_s:.2f} s")
+            started = time.monotonic()
+            warm = None if cold else await self._warm_start(capsule, image_dir, progress)
+            if warm is not None:
+                capsule = warm
+            else:
+                capsule = await self._cold_start(capsule, image_dir, runtime)
+            boot_s = time.monotonic() - started
+            how = "restored from the template snapshot" if warm else "booted cold"
+            self._event(capsule.id, "running", f"{how} in {boot_s:.2f} s")
             return self._save(
                 capsule.with_(
                     state=State.RUNNING,
                     started_at=time.time(),
-                    extra={**capsule.extra, "boot_s": boot_s},
+                    last_activity=time.time(),
+                    extra={**capsule.extra, "boot_s": boot_s, "start": "warm" if warm else "cold"},
                 )
             )
+
+    async def _warm_start(
+        self, capsule: Capsule, image_dir: Path, progress: Callable[[str], None] | None
+    ) -> Capsule | None:
+        """Restore the template snapshot as this capsule; None means: boot cold instead."""
+        key = snapshot_key(capsule.memory_mib, capsule.vcpus, capsule.accel)
+        try:
+            snap = await self.templates.ensure(
+                image_dir, capsule.memory_mib, capsule.vcpus, capsule.accel, progress
+            )
+        except CapsuleError as exc:
+            self._event(capsule.id, "cold-boot", f"no template snapshot ({exc}); cold boot")
+            return None
+        try:
+            restored, _ = await self._restore_from(capsule, snap, f"template snapshot {key}")
+            return restored
+        except (SnapshotCorrupt, VMMError, EnvdError, OSError) as exc:
+            await self._kill(capsule)
+            self._cleanup_run_files(capsule)
+            if isinstance(exc, SnapshotCorrupt):
+                self.templates.discard(image_dir, key)
+            self._event(capsule.id, "cold-boot", f"template snapshot unusable ({exc}); cold boot")
+            return None
+
+    async def _cold_start(self, capsule: Capsule, image_dir: Path, runtime: QemuRuntime) -> Capsule:
+        run_dir = self.run_dir(capsule.id)
+        try:
+            await self._make_overlay(image_dir / "rootfs.ext4", run_dir / "disk.qcow2")
+            self._write_metadata(capsule)
+            vm = await runtime.create(self.vm_config(capsule))
+            self._vms[capsule.id] = vm
+            capsule = self._save(capsule.with_(pid=vm.pid))
+            async with self.envd(capsule) as envd:
+                await envd.wait_healthy(BOOT_DEADLINE_S, vm.alive)
+                await envd.init(**self._init_body(capsule))
+        except (VMMError, EnvdError, OSError, CapsuleError) as exc:
+            await self._kill(capsule)
+            reason = f"create failed: {exc}"
+            self._event(capsule.id, "error", reason)
+            self._save(capsule.with_(state=State.ERROR, reason=reason, pid=None))
+            raise CapsuleError(reason) from exc
+        return capsule
 
     async def _make_overlay(self, backing: Path, overlay: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -463,7 +491,7 @@ class CapsuleManager:
                 except EnvdError as exc:
                     raise CapsuleError(f"envd could not prepare the snapshot: {exc}") from exc
                 timings["prepare"] = time.monotonic() - started
-                inflated = await self._inflate_balloon(capsule, vm, prepared)
+                inflated = await inflate_balloon(vm, capsule.memory_mib, prepared)
                 if not inflated:
                     await self._wait_free_page_reporting(ram_file)
                 timings["reclaim"] = time.monotonic() - started
@@ -491,7 +519,7 @@ class CapsuleManager:
                         raise
                     disk = await asyncio.to_thread(sparse.sparse_copy, disk_src, tmp / "disk.qcow2")
                     disk_sha = disk.sha256
-                state_sha = _sha256(tmp / "vmstate")
+                state_sha = sha256_file(tmp / "vmstate")
                 snapshot = Snapshot(
                     capsule_id=capsule.id,
                     generation=generation,
@@ -508,7 +536,7 @@ class CapsuleManager:
                 )
                 (tmp / "snapshot.json").write_text(json.dumps(snapshot.__dict__))
                 for name in ("vmstate", "disk.qcow2", "snapshot.json"):
-                    _fsync(tmp / name)
+                    fsync_file(tmp / name)
                 sparse.fsync_dir(tmp)
                 tmp.rename(final)
                 sparse.fsync_dir(final.parent)
@@ -559,42 +587,6 @@ class CapsuleManager:
             f"in {pause_s:.2f} s",
         )
         return snapshot
-
-    async def _inflate_balloon(
-        self, capsule: Capsule, vm: QemuVM, prepared: dict[str, Any]
-    ) -> bool:
-        """Take the guest's free memory with the balloon: QEMU punches those pages out of the
-        RAM file at once, where free-page reporting would return them only after ~2 s.
-
-        Leaves the guest BALLOON_MARGIN of headroom; deflate-on-oom gives pages back if it
-        needs more. Returns False (caller falls back to waiting for reporting) on any failure.
-        """
-        try:
-            available = int(prepared["after"]["mem_available"])
-        except (KeyError, TypeError, ValueError):
-            return False
-        ram = capsule.memory_mib << 20
-        take = available - BALLOON_MARGIN
-        if take <= 0:
-            return False
-        target = ram - take
-        try:
-            async with vm.session():
-                await vm.balloon_set(target)
-                deadline = time.monotonic() + BALLOON_MAX_WAIT_S
-                last, last_change = await vm.balloon_actual(), time.monotonic()
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(0.03)
-                    actual = await vm.balloon_actual()
-                    if actual <= target + (1 << 20):
-                        break
-                    if actual != last:
-                        last, last_change = actual, time.monotonic()
-                    elif time.monotonic() - last_change > BALLOON_STALL_S:
-                        break
-        except VMMError:
-            return False
-        return True
 
     async def _wait_free_page_reporting(self, ram_file: Path) -> None:
         """Wait until the guest has handed the freed page cache back (RAM file shrinks)."""
@@ -654,52 +646,42 @@ class CapsuleManager:
             )
             return self._save(capsule.with_(extra={**capsule.extra, "resume_s": resume_s}))
 
-    async def _resume(self, capsule: Capsule, snapshot: Snapshot) -> Capsule:
+    async def _restore_from(
+        self, capsule: Capsule, files: SnapshotFiles, what: str
+    ) -> tuple[Capsule, dict[str, float]]:
+        """Run `capsule` from copies of a snapshot's files; envd answers and is initialised."""
         started = time.monotonic()
         timings: dict[str, float] = {}
-        gen = Path(snapshot.path)
         run_dir = self.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        state_sha = await asyncio.to_thread(_sha256, gen / "vmstate")
-        if state_sha != snapshot.state_sha256:
-            raise SnapshotCorrupt(
-                f"device state of generation {snapshot.generation} is corrupt "
-                "(checksum mismatch); the capsule stays paused"
-            )
-        ram_file = self.ram_file(capsule.id)
-        ram, disk = await asyncio.gather(
-            asyncio.to_thread(sparse.sparse_copy, gen / "mem", ram_file, fsync=False),
-            asyncio.to_thread(
-                sparse.sparse_copy, gen / "disk.qcow2", run_dir / "disk.qcow2", fsync=False
-            ),
-        )
-        for what, got, want in (
-            ("RAM", ram.sha256, snapshot.ram_sha256),
-            ("disk", disk.sha256, snapshot.disk_sha256),
-        ):
-            if got != want:
-                raise SnapshotCorrupt(
-                    f"{what} of generation {snapshot.generation} is corrupt "
-                    "(checksum mismatch); the capsule stays paused"
-                )
+        await copy_out(files, self.ram_file(capsule.id), run_dir / "disk.qcow2", what)
         timings["copy"] = time.monotonic() - started
         self._write_metadata(capsule)
         runtime = self.runtime(Path(capsule.image_dir))
         config = self.vm_config(capsule)
         with contextlib.suppress(OSError):
             config.console_log.rename(config.console_log.with_suffix(".log.1"))
-        vm = await runtime.restore(config, gen / "vmstate")
+        vm = await runtime.restore(config, Path(files.path) / "vmstate")
         timings["restore"] = time.monotonic() - started
         self._vms[capsule.id] = vm
         capsule = self._save(capsule.with_(pid=vm.pid))
         async with self.envd(capsule) as envd:
             await envd.wait_healthy(RESUME_DEADLINE_S, vm.alive)
             timings["health"] = time.monotonic() - started
-            # the snapshot was taken with the balloon inflated: give the guest its RAM back
+            # snapshots are taken with the balloon inflated: give the guest its RAM back
             await vm.balloon_set(capsule.memory_mib << 20)
             await envd.init(**self._init_body(capsule))
             timings["init"] = time.monotonic() - started
-        extra = {**capsule.extra, "resume_timings": {k: round(v, 3) for k, v in timings.items()}}
+        return capsule, {k: round(v, 3) for k, v in timings.items()}
+
+    async def _resume(self, capsule: Capsule, snapshot: Snapshot) -> Capsule:
+        try:
+            capsule, timings = await self._restore_from(
+                capsule, snapshot, f"generation {snapshot.generation}"
+            )
+        except SnapshotCorrupt as exc:
+            raise SnapshotCorrupt(f"{exc}; the capsule stays paused") from exc
+        extra = {**capsule.extra, "resume_timings": timings}
         return capsule.with_(
             extra=extra,
             state=State.RUNNING,

@@ -134,6 +134,11 @@ class OutputLog(Generic[T]):
         self.closed = True
         self._wake()
 
+    def shrink(self, capacity: int) -> None:
+        """Keep less from now on (a finished producer's output is only kept for replay)."""
+        self.capacity = min(self.capacity, capacity)
+        self._trim()
+
     def on_writable(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once, as soon as the log is writable again (now if it already is)."""
         if self.writable.is_set():

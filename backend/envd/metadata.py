@@ -80,7 +80,8 @@ def tcp_source(host: str, port: int, timeout: float = 2.0) -> Fetch:
             finally:
                 writer.close()
 
-        return await asyncio.wait_for(read_all(), timeout)
+        async with asyncio.timeout(timeout):
+            return await read_all()
 
     return fetch
 

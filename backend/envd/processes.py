@@ -38,6 +38,8 @@ log = logging.getLogger("envd.processes")
 # pipes is assumed to hold them open for good.
 EXIT_GRACE = 0.25
 EVENT_BATCH = 256 * 1024
+# Output kept per finished process, for late subscribers (bounded: finished ones pile up).
+RETAINED_AFTER_EXIT = 256 * 1024
 TIMEOUT_EXIT_CODE = 124
 
 Encoding = Literal["base64", "utf8"]
@@ -366,7 +368,7 @@ class ProcessManager:
         resolver: PathResolver,
         *,
         buffer_bytes: int = 1024 * 1024,
-        keep_exited: int = 64,
+        keep_exited: int = 32,
     ) -> None:
         self.launcher = launcher
         self.resolver = resolver
@@ -417,6 +419,8 @@ class ProcessManager:
 
     def _retire(self, process: ManagedProcess) -> None:
         log.info("process %d exited with %s", process.pid, process.exit_code)
+        # Subscribers still reading keep their place; the log only stops holding the rest.
+        process.log.shrink(RETAINED_AFTER_EXIT)
         self._exited.append(process)
         while len(self._exited) > self.keep_exited:
             old = self._exited.popleft()

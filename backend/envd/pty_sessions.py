@@ -39,6 +39,7 @@ DEFAULT_COLS = 80
 DEFAULT_ROWS = 24
 TERM = "xterm-256color"
 INPUT_LIMIT = 1024 * 1024
+RETAINED_AFTER_EXIT = 64 * 1024
 
 
 def check_size(cols: int | None, rows: int | None) -> tuple[int, int]:
@@ -293,6 +294,8 @@ class PtyManager:
 
     def _retire(self, session: PtySession) -> None:
         log.info("pty session %s exited with %s", session.tag, session.exit_code)
+        # Enough of a dead session's output to show how it ended.
+        session.log.shrink(RETAINED_AFTER_EXIT)
         self._exited.append(session)
         while len(self._exited) > self.keep_exited:
             self._forget(self._exited[0])

@@ -6,7 +6,6 @@ Free of any web framework: app.py maps HTTP and WebSocket requests onto this obj
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import platform
 import time
@@ -86,9 +85,11 @@ class Envd:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: a task that swallows its cancellation must not keep envd from exiting.
+            _, stuck = await asyncio.wait(self._tasks, timeout=2)
+            for task in stuck:
+                log.warning("background task %s did not stop", task.get_name())
         self._tasks.clear()
         await self.processes.shutdown()
         await self.ptys.shutdown()

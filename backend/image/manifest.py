@@ -38,6 +38,8 @@ class ImageManifest:
     python_version: str
     stage_keys: dict[str, str]
     files: dict[str, ImageFile] = field(default_factory=dict)
+    template_snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Warm-start snapshots booted from this image (backend/capsules/templates.py)."""
 
     @property
     def version(self) -> str:

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.vm
 
 
 async def test_image_boots_and_envd_answers_on_loopback(manager: CapsuleManager) -> None:
-    capsule = await manager.create(memory_mib=256)
+    capsule = await manager.create(memory_mib=256, cold=True)
     assert capsule.state == State.RUNNING
+    assert capsule.extra["start"] == "cold"
     async with httpx.AsyncClient() as client:
         health = await client.get(f"http://127.0.0.1:{capsule.host_port}/health")
         assert health.status_code == 200
