@@ -200,9 +200,22 @@ def capsule() -> None:
 @click.option("--template", default="default", show_default=True)
 @click.option("--auto-pause", "auto_pause_s", default=0, help="Pause after N idle seconds.")
 @click.option("--cold", is_flag=True, help="Boot from scratch instead of the warm snapshot.")
+@click.option(
+    "--network",
+    type=click.Choice(["none", "internet"]),
+    default="none",
+    show_default=True,
+    help="none: no network but envd's forward; internet: NAT out, never to this host.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def capsule_create(
-    memory_mib: int, vcpus: int, template: str, auto_pause_s: int, cold: bool, as_json: bool
+    memory_mib: int,
+    vcpus: int,
+    template: str,
+    auto_pause_s: int,
+    cold: bool,
+    network: str,
+    as_json: bool,
 ) -> None:
     """Start a new capsule (from the template's warm snapshot) and wait until envd answers."""
     from backend.capsules.errors import CapsuleError
@@ -220,6 +233,7 @@ def capsule_create(
                     template=template,
                     auto_pause_s=auto_pause_s,
                     cold=cold,
+                    network=network,
                     progress=progress,
                 )
             )

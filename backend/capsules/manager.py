@@ -47,8 +47,10 @@ from backend.capsules.store import Store
 from backend.capsules.templates import TemplateSnapshots, snapshot_key
 from backend.config import Paths
 from backend.image.builder import ImageBuilder
+from backend.runtime import network as net
 from backend.runtime.accel import probe_accel
 from backend.runtime.base import BalloonStats, VMConfig, VMMError
+from backend.runtime.network import MODES, NetworkUnavailable
 from backend.runtime.qemu import QemuRuntime, QemuVM, free_port, pid_is_vm
 
 BOOT_DEADLINE_S = 180.0
@@ -123,28 +125,40 @@ class CapsuleManager:
             memory_mib=capsule.memory_mib,
             vcpus=capsule.vcpus,
             host_port=capsule.host_port,
-            metadata_file=run_dir / "metadata.json",
+            metadata_json=self._metadata_json(capsule),
+            netns=self._netns(capsule).name if capsule.network == "internet" else None,
+            forward_host=capsule.envd_host,
             accel=capsule.accel,
             guest_port=ENVD_PORT,
             network=capsule.network,
         )
 
+    def _netns(self, capsule: Capsule) -> net.CapsuleNetns:
+        assert capsule.net_slot is not None, f"{capsule.id} has no network slot"
+        return net.netns_for(capsule.id, capsule.net_slot)
+
+    async def _ensure_netns(self, capsule: Capsule) -> None:
+        if capsule.network == "internet":
+            await asyncio.to_thread(net.setup_netns, self._netns(capsule))
+
     def envd(self, capsule: Capsule, timeout: float = 10.0) -> EnvdClient:
         return EnvdClient(capsule.envd_url, capsule.access_token, timeout=timeout)
 
+    def _metadata_json(self, capsule: Capsule) -> str:
+        return json.dumps(
+            {
+                "instanceID": capsule.id,
+                "templateID": capsule.template,
+                "envID": capsule.template,
+                "network": capsule.network,
+            }
+        )
+
     def _write_metadata(self, capsule: Capsule) -> None:
+        """A copy of what the guest's metadata address serves, for people and `get`."""
         path = self.run_dir(capsule.id) / "metadata.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "instanceID": capsule.id,
-                    "templateID": capsule.template,
-                    "envID": capsule.template,
-                    "address": capsule.envd_url,
-                }
-            )
-        )
+        tmp.write_text(self._metadata_json(capsule))
         tmp.chmod(0o600)
         tmp.rename(path)
 
@@ -207,9 +221,27 @@ class CapsuleManager:
                 current = self.store.get(capsule.id)
                 if current is not None:
                     await self._reconcile(current)
+        await self._reconcile_network()
         if watchdog and self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch(), name="capsule-watchdog")
         return self.store.list_capsules()
+
+    async def _reconcile_network(self) -> None:
+        """Remove what a crashed agent left of the internet mode: namespaces of capsules that
+        are gone, and the nftables table when no capsule uses the mode; reload it otherwise."""
+        capsules = [c for c in self.store.list_capsules() if c.network == "internet"]
+        wanted = {self._netns(c).name for c in capsules if c.net_slot is not None}
+        try:
+            for name in await asyncio.to_thread(net.existing_netns):
+                if name not in wanted:
+                    await asyncio.to_thread(net.teardown_netns, name)
+            if capsules:
+                await asyncio.to_thread(net.ensure_rules)
+            else:
+                await asyncio.to_thread(net.remove_rules)
+        except NetworkUnavailable as exc:
+            for capsule in capsules:
+                self._event(capsule.id, "error", f"network isolation unavailable: {exc}")
 
     async def _reconcile(self, capsule: Capsule) -> None:
         config = self.vm_config(capsule)
@@ -325,8 +357,15 @@ class CapsuleManager:
             raise CapsuleError(f"memory must be 64..65536 MiB, not {memory_mib}")
         if not 1 <= vcpus <= 64:
             raise CapsuleError(f"vCPUs must be 1..64, not {vcpus}")
-        if network not in ("none",):
-            raise CapsuleError(f"network mode {network!r} is not available (use 'none')")
+        if network not in MODES:
+            raise CapsuleError(f"unknown network mode {network!r}: use one of {', '.join(MODES)}")
+        slot = None
+        if network == "internet":
+            reason = net.internet_unavailable_reason()
+            if reason is not None:
+                raise CapsuleError(f"network mode 'internet' is unavailable: {reason}")
+            used = {c.net_slot for c in self.store.list_capsules() if c.net_slot is not None}
+            slot = net.free_slot(used)
         status = ImageBuilder(self.paths, template).status()
         if status.manifest is None:
             raise CapsuleError(f"no image {template!r}: run `wrenn-tui image build`")
@@ -346,11 +385,20 @@ class CapsuleManager:
             auto_pause_s=auto_pause_s,
             last_activity=time.time(),
             accel=runtime.accel,
+            net_slot=slot,
         )
+        if slot is not None:
+            capsule = capsule.with_(envd_host=net.netns_for(capsule.id, slot).ns_ip)
         async with self.locks.hold(capsule.id):
             run_dir = self.run_dir(capsule.id)
             run_dir.mkdir(parents=True, mode=0o700)
             self._save(capsule)
+            try:
+                await self._ensure_netns(capsule)
+            except NetworkUnavailable as exc:
+                reason = f"create failed: network mode 'internet' is unavailable: {exc}"
+                self._save(capsule.with_(state=State.ERROR, reason=reason))
+                raise CapsuleError(reason) from exc
             self._event(
                 capsule.id,
                 "create",
@@ -379,10 +427,15 @@ class CapsuleManager:
         self, capsule: Capsule, image_dir: Path, progress: Callable[[str], None] | None
     ) -> Capsule | None:
         """Restore the template snapshot as this capsule; None means: boot cold instead."""
-        key = snapshot_key(capsule.memory_mib, capsule.vcpus, capsule.accel)
+        key = snapshot_key(capsule.memory_mib, capsule.vcpus, capsule.accel, capsule.network)
         try:
             snap = await self.templates.ensure(
-                image_dir, capsule.memory_mib, capsule.vcpus, capsule.accel, progress
+                image_dir,
+                capsule.memory_mib,
+                capsule.vcpus,
+                capsule.accel,
+                progress,
+                network=capsule.network,
             )
         except CapsuleError as exc:
             self._event(capsule.id, "cold-boot", f"no template snapshot ({exc}); cold boot")
@@ -655,6 +708,11 @@ class CapsuleManager:
         run_dir = self.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await copy_out(files, self.ram_file(capsule.id), run_dir / "disk.qcow2", what)
+        if (
+            capsule.network == "internet"
+            and not Path(f"/run/netns/{self._netns(capsule).name}").exists()
+        ):
+            await self._ensure_netns(capsule)
         timings["copy"] = time.monotonic() - started
         self._write_metadata(capsule)
         runtime = self.runtime(Path(capsule.image_dir))
@@ -699,6 +757,8 @@ class CapsuleManager:
             self._cleanup_run_files(capsule)
             shutil.rmtree(self.run_dir(capsule_id), ignore_errors=True)
             shutil.rmtree(self.snapshot_dir(capsule_id), ignore_errors=True)
+            if capsule.network == "internet" and capsule.net_slot is not None:
+                await asyncio.to_thread(net.teardown_netns, self._netns(capsule).name)
             self.store.delete(capsule_id)
             self._event(capsule_id, "destroy", "destroyed")
             self._vms.pop(capsule_id, None)

@@ -48,6 +48,10 @@ class Capsule:
     auto_pause_s: int = 0
     last_activity: float = 0.0
     accel: str = "tcg"
+    envd_host: str = "127.0.0.1"
+    """Where envd's forward listens: loopback, or the capsule namespace's veth address."""
+    net_slot: int | None = None
+    """The internet mode's address slot (backend/runtime/network.py)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Capsule:
@@ -55,7 +59,7 @@ class Capsule:
 
     @property
     def envd_url(self) -> str:
-        return f"http://127.0.0.1:{self.host_port}"
+        return f"http://{self.envd_host}:{self.host_port}"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from backend.capsules import sparse
@@ -27,6 +27,7 @@ from backend.capsules.errors import CapsuleError
 from backend.capsules.snapshotting import fsync_file, inflate_balloon, sha256_file
 from backend.config import Paths
 from backend.image.manifest import MANIFEST_NAME
+from backend.runtime import network as net
 from backend.runtime.base import VMConfig, VMMError
 from backend.runtime.qemu import QemuRuntime, free_port
 
@@ -54,8 +55,10 @@ class TemplateSnapshot:
     format: int = SNAPSHOT_FORMAT
 
 
-def snapshot_key(memory_mib: int, vcpus: int, accel: str) -> str:
-    return f"{memory_mib}m-{vcpus}c-{accel}"
+def snapshot_key(memory_mib: int, vcpus: int, accel: str, network: str = "none") -> str:
+    # slirp's migrated state only restores into the same network mode
+    suffix = "" if network == "none" else f"-{network}"
+    return f"{memory_mib}m-{vcpus}c-{accel}{suffix}"
 
 
 class TemplateSnapshots:
@@ -66,9 +69,9 @@ class TemplateSnapshots:
         return image_dir / "snapshots" / key
 
     def load(
-        self, image_dir: Path, memory_mib: int, vcpus: int, accel: str
+        self, image_dir: Path, memory_mib: int, vcpus: int, accel: str, network: str = "none"
     ) -> TemplateSnapshot | None:
-        key = snapshot_key(memory_mib, vcpus, accel)
+        key = snapshot_key(memory_mib, vcpus, accel, network)
         path = self.directory(image_dir, key)
         try:
             raw = json.loads((path / "snapshot.json").read_text())
@@ -88,16 +91,17 @@ class TemplateSnapshots:
         vcpus: int,
         accel: str,
         progress: Progress | None = None,
+        network: str = "none",
     ) -> TemplateSnapshot:
-        existing = self.load(image_dir, memory_mib, vcpus, accel)
+        existing = self.load(image_dir, memory_mib, vcpus, accel, network)
         if existing is not None:
             return existing
         async with self._build_lock(image_dir):
             # another process may have built it while we waited
-            existing = self.load(image_dir, memory_mib, vcpus, accel)
+            existing = self.load(image_dir, memory_mib, vcpus, accel, network)
             if existing is not None:
                 return existing
-            return await self._build(image_dir, memory_mib, vcpus, accel, progress)
+            return await self._build(image_dir, memory_mib, vcpus, accel, network, progress)
 
     @contextlib.asynccontextmanager
     async def _build_lock(self, image_dir: Path) -> AsyncIterator[None]:
@@ -115,10 +119,16 @@ class TemplateSnapshots:
             os.close(fd)
 
     async def _build(
-        self, image_dir: Path, memory_mib: int, vcpus: int, accel: str, progress: Progress | None
+        self,
+        image_dir: Path,
+        memory_mib: int,
+        vcpus: int,
+        accel: str,
+        network: str,
+        progress: Progress | None,
     ) -> TemplateSnapshot:
         report = progress or (lambda _msg: None)
-        key = snapshot_key(memory_mib, vcpus, accel)
+        key = snapshot_key(memory_mib, vcpus, accel, network)
         final = self.directory(image_dir, key)
         out = final.with_name(f".{key}.tmp-{os.getpid()}")
         shutil.rmtree(out, ignore_errors=True)
@@ -136,11 +146,19 @@ class TemplateSnapshots:
             memory_mib=memory_mib,
             vcpus=vcpus,
             host_port=free_port(),
-            metadata_file=run_dir / "metadata.json",
+            metadata_json=json.dumps({"templateID": image_dir.name}),
             accel=accel,
+            network=network,
         )
+        netns = None
+        if network == "internet":
+            # the last address slot is the template builder's (builds are serialised by a lock)
+            netns = net.netns_for(f"tpl-{key}", net.SLOTS - 1)
+            config = replace(config, netns=netns.name, forward_host=netns.ns_ip)
         vm = None
         try:
+            if netns is not None:
+                await asyncio.to_thread(net.setup_netns, netns)
             report(f"booting the template ({memory_mib} MiB, {vcpus} vCPU, {accel})")
             subprocess.run(
                 [
@@ -158,9 +176,9 @@ class TemplateSnapshots:
                 check=True,
                 capture_output=True,
             )
-            config.metadata_file.write_text(json.dumps({"templateID": image_dir.name}))
             vm = await QemuRuntime(accel).create(config)
-            async with EnvdClient(f"http://127.0.0.1:{config.host_port}", timeout=30) as envd:
+            envd_url = f"http://{config.forward_host}:{config.host_port}"
+            async with EnvdClient(envd_url, timeout=30) as envd:
                 await envd.wait_healthy(BOOT_DEADLINE_S, vm.alive)
                 await envd.init(timestamp=time.time())
                 report("preparing the template snapshot")
@@ -198,7 +216,13 @@ class TemplateSnapshots:
             self._record(image_dir, key, snap)
             report(f"template snapshot ready in {snap.build_seconds:.1f} s")
             return snap
-        except (VMMError, EnvdError, OSError, subprocess.CalledProcessError) as exc:
+        except (
+            VMMError,
+            EnvdError,
+            OSError,
+            subprocess.CalledProcessError,
+            net.NetworkUnavailable,
+        ) as exc:
             raise CapsuleError(f"building the template snapshot {key} failed: {exc}") from exc
         finally:
             if vm is not None:
@@ -207,6 +231,8 @@ class TemplateSnapshots:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
             ram_file.unlink(missing_ok=True)
+            if netns is not None:
+                net.teardown_netns(netns.name)
 
     def _record(self, image_dir: Path, key: str, snap: TemplateSnapshot | None) -> None:
         """Keep the image manifest's list of template snapshots (and checksums) current."""

@@ -31,11 +31,17 @@ class VMConfig:
     vcpus: int
     host_port: int
     """127.0.0.1 port forwarded to envd inside the guest."""
-    metadata_file: Path
+    metadata_json: str
     """Served to the guest at the metadata address (see backend/runtime/qemu.py)."""
     accel: str = "tcg"
     guest_port: int = 49983
     network: str = "none"
+    """"none": the guest reaches nothing but its port forward and the metadata address;
+    "internet": outbound NAT, never to the host's own addresses (backend/runtime/network.py)."""
+    netns: str | None = None
+    """Network namespace QEMU runs in (internet mode)."""
+    forward_host: str = "127.0.0.1"
+    """Address envd's port forward listens on (the namespace's veth address with a netns)."""
     extra_append: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -7,14 +7,20 @@ entropy at boot), serial console to a file. Guest RAM is a shared file under /de
 saves only the device state (`x-ignore-shared`) and copies that file.
 
 Metadata channel: the guest opens TCP 10.0.2.100:80 and reads one JSON document until EOF.
-QEMU's `guestfwd` runs `cat <run dir>/metadata.json` for each such connection, so the host
-changes a capsule's metadata by rewriting that file, and it works while no agent runs.
+QEMU's `guestfwd` runs `printf` for each such connection with the document on QEMU's own
+command line: it needs no file access and no agent. Metadata is fixed per QEMU process; every
+resume starts a new one with fresh metadata.
+
+Device state is migrated through file descriptors the agent opens and passes over QMP
+(`getfd`), never through `exec:` commands, so a QEMU that dropped privileges (`-runas`) can
+still save and load snapshots in the agent's private directories.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -34,6 +40,7 @@ METADATA_PORT = 80
 QMP_CONNECT_TIMEOUT_S = 10.0
 BALLOON_POLL_INTERVAL_S = 5
 MIGRATION_BANDWIDTH = 16 << 30
+MIGRATION_FD = "wrenn-migration"
 
 
 def host_tsc_khz() -> int:
@@ -71,10 +78,13 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "8250.nr_uarts=1",
         *c.extra_append,
     ]
-    metadata_cmd = f"cat {shlex.quote(str(c.metadata_file))}"
+    # slirp parses the command like a shell (quotes, no pipes) and runs it without one;
+    # QEMU's option parser needs commas doubled
+    compact = json.dumps(json.loads(c.metadata_json), separators=(",", ":"))
+    metadata_cmd = ("printf %s " + shlex.quote(compact)).replace(",", ",,")
     netdev = (
         f"user,id=n0,restrict={'on' if c.network == 'none' else 'off'},"
-        f"hostfwd=tcp:127.0.0.1:{c.host_port}-:{c.guest_port},"
+        f"hostfwd=tcp:{c.forward_host}:{c.host_port}-:{c.guest_port},"
         f"guestfwd=tcp:{METADATA_ADDRESS}:{METADATA_PORT}-cmd:{metadata_cmd}"
     )
     argv = [
@@ -122,6 +132,9 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
     ]
     if incoming:
         argv += ["-incoming", "defer"]
+    if c.netns is not None:
+        # `ip netns exec` execs QEMU in place: the pid stays QEMU's
+        argv = ["ip", "netns", "exec", c.netns, *argv]
     return argv
 
 
@@ -207,8 +220,12 @@ class QemuVM:
             },
         )
         await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
-        target = shlex.quote(str(device_state))
-        await self.execute("migrate", {"uri": f"exec:cat > {target}"})
+        fd = os.open(device_state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            await self.pass_fd(fd, MIGRATION_FD)
+        finally:
+            os.close(fd)
+        await self.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
         deadline = time.monotonic() + 60
         while True:
             info = await self.execute("query-migrate")
@@ -222,6 +239,15 @@ class QemuVM:
                 await self.execute("migrate_cancel")
                 raise VMMError("saving device state timed out")
             await asyncio.sleep(0.005)
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor under `name` (QMP `getfd`)."""
+        assert self._qmp is not None, "pass_fd needs a session"
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise VMMError(f"passing a file descriptor to QEMU failed: {exc}") from exc
+        await self.execute("getfd", {"fdname": name})
 
     async def balloon_stats(self) -> BalloonStats:
         if self._qmp is None:
@@ -380,8 +406,12 @@ class QemuRuntime:
                 ]
             },
         )
-        source = shlex.quote(str(device_state))
-        await vm.execute("migrate-incoming", {"uri": f"exec:cat {source}"})
+        fd = os.open(device_state, os.O_RDONLY)
+        try:
+            await vm.pass_fd(fd, MIGRATION_FD)
+        finally:
+            os.close(fd)
+        await vm.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
         deadline = time.monotonic() + 60
         while True:
             info = await vm.execute("query-migrate")
