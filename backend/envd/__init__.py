@@ -1,11 +1,13 @@
 """envd: the agent inside every capsule. This docstring is the contract the host codes against.
 
-Run: ``python3 -m backend.envd [--host 0.0.0.0] [--port 49983] [--metadata tcp:HOST:PORT |
-file:PATH] [--reclaim-threshold 80] [--reclaim-interval 2] [--metadata-interval 5]
-[--ping-interval 30] [--root DIR]``. ``--root DIR`` is host mode: API paths resolve under DIR
-(``/x`` is ``DIR/x``; nothing may leave DIR, by ``..`` or a symlink), metadata files go to
-``DIR/run/wrenn``, the clock, the RNG and the page cache are left alone (only logged), and
-``user`` fields are ignored (everything runs as the invoking user). Callers poll ``/health``.
+Run: ``python3 -m backend.envd [--host 0.0.0.0] [--port 49983]
+[--metadata tcp:HOST:PORT | file:PATH] [--metadata-interval 5] [--reclaim-threshold 80]
+[--reclaim-interval 2] [--ping-interval 30] [--snapshot-hold-timeout 600]
+[--log-level info] [--root DIR]``. ``--root DIR`` is host mode: API paths resolve under
+DIR (``/x`` is ``DIR/x``; nothing may leave DIR, by ``..`` or a symlink), metadata files go
+to ``DIR/run/wrenn``, the clock, the RNG and the page cache are left alone (only logged),
+and ``user`` fields are ignored (everything runs as the invoking user). Callers poll
+``/health``.
 
 Conventions
     Bodies and answers are JSON. Every error is ``{"error": "<code>", "message": "<text>"}``
@@ -14,8 +16,12 @@ Conventions
     Once ``/init`` has set an access token, every request except ``GET /health`` needs header
     ``X-Access-Token: <token>`` (WebSocket: the header or ``?access_token=``), else 401.
     A ``user``/``username`` names a passwd account (default: ``defaultUser`` from /init, else
-    the user envd runs as); its home (from passwd: root's is ``/root``) is where relative
-    paths and commands without ``cwd`` start. An explicit ``cwd`` must exist (400).
+    the user envd runs as; unknown: 400 unknown_user). Relative file paths start at its home
+    (from passwd: root's is ``/root``); commands without ``cwd`` start in ``defaultWorkdir``
+    from /init, else in that home (``/`` if the home does not exist). An explicit ``cwd``
+    must be an existing directory (400 invalid_cwd). Children get a clean environment: PATH,
+    LANG, HOME, USER, LOGNAME, SHELL (+ TERM for terminals), the identity variables below,
+    ``envVars`` from /init, then the request's ``env``.
     Exit codes are shell-style: 128+N when killed by signal N, with ``"signal": "SIGKILL"``.
 
 Health and metrics
@@ -40,9 +46,12 @@ Lifecycle
         Holds the reclaimer, syncs, drops the page cache (not dentries/inodes).
     POST /snapshot/abort -> 200 {"ok": true, "snapshot_in_progress": false}
         (the hold also ends on the next /init, or after --snapshot-hold-timeout).
-    The reclaimer drops the page cache when mem_used/mem_total reaches the threshold, at most
-    every --reclaim-interval seconds, never during a snapshot hold.
-    Identity: ``instanceID`` and ``templateID`` (or ``envID``) from the metadata source or from
+    The reclaimer drops the page cache when mem_used/mem_total reaches the threshold and at
+    least 8 MiB is cached, checking every --reclaim-interval seconds, never during a
+    snapshot hold; /metrics ``reclaims`` counts drops (in host mode: would-be drops).
+    Identity: ``instanceID`` and ``templateID`` (or ``envID``) from the metadata source
+    (polled at start and every --metadata-interval seconds; one JSON object, unknown fields
+    ignored, bad answers logged and ignored, missing values never erase known ones) or from
     /init are written to ``/run/wrenn/.WRENN_SANDBOX_ID`` and ``.WRENN_TEMPLATE_ID`` and
     exported to later processes as WRENN_SANDBOX_ID, WRENN_TEMPLATE_ID, E2B_SANDBOX_ID and
     E2B_TEMPLATE_ID.
@@ -71,10 +80,12 @@ Processes (piped stdio; each in its own session and process group)
     GET /processes/{pid|tag} -> 200 the same object; 404 unknown_process.
     GET /processes/{pid|tag}/events[?encoding=base64|utf8][&replay=1|0] -> 200 NDJSON stream:
         {"type": "start", "pid", "tag", "cmd"}, then {"type": "stdout"|"stderr", "data": str,
-        "encoding": "base64"|"utf8"} ..., {"type": "dropped"} if output was lost because the
-        buffer (1 MiB of the most recent output, replayed to new subscribers) overflowed,
-        and finally {"type": "exit", "exit_code", "signal"}. A subscriber that lags makes
-        the child wait rather than lose output.
+        "encoding": "base64"|"utf8"} ..., {"type": "dropped"} when the stream does not
+        start at the process's first byte (new subscribers get a replay of the most recent
+        output: up to 1 MiB while it runs, 256 KiB once it has exited), and finally
+        {"type": "exit", "exit_code", "signal"}. ``replay=0`` starts at live output. A
+        subscriber that lags makes the child wait rather than lose output. The 32 most
+        recently exited processes stay listed.
     POST /processes/{ref}/stdin {"data": text} or {"b64": base64} -> 200 {"ok": true, "bytes"}
         (409 stdin_closed / not_running, 429 stdin_full)
     POST /processes/{ref}/close-stdin -> 200 {"ok": true}
@@ -111,11 +122,17 @@ Terminals: WebSocket /pty, JSON text frames; GET /pty lists sessions:
         {"type": "detached", "tag"}
         {"type": "error", "error": code, "message", "request"?: the type that failed}
         {"type": "ping"} every --ping-interval seconds; {"type": "pong"} answers a ping
-    A connection drives one session at a time (409-style error ``already_attached``).
-    Closing the socket only detaches; the shell keeps running. Bad messages get an
-    ``error`` message and never close the socket. After ``exit`` the socket stays open
-    and may start or connect again. A client that reads slowly gets output coalesced into
-    bigger messages while the terminal's program is paused; nothing is lost.
+    Tags default to "pty-<8 hex digits>"; a live session's tag cannot be reused
+    (``tag_in_use``). A connection drives one session at a time (``already_attached``);
+    several connections may watch one session. Closing the socket only detaches; the shell
+    keeps running. Bad messages get an ``error`` message (codes: bad_json,
+    invalid_message, unknown_type, invalid_field, invalid_size, invalid_cwd,
+    command_not_found, not_attached, unknown_session, invalid_signal, not_running,
+    input_full) and never close the socket. After ``exit`` the socket stays open and may
+    start or connect again; ``connect`` to an exited session (the 32 latest are kept, with
+    their last 64 KiB of output) replays it and sends ``exit``. A client that reads slowly
+    gets output coalesced into bigger messages while the terminal's program is paused;
+    nothing is lost.
 """
 
 __version__ = "0.1.0"

@@ -54,7 +54,8 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         body = json.dumps(
-            {"error": "unauthorized", "message": "missing or wrong X-Access-Token"}
+            {"error": "unauthorized", "message": "missing or wrong X-Access-Token"},
+            separators=(",", ":"),
         ).encode()
         headers = [
             (b"content-type", b"application/json"),

@@ -108,6 +108,8 @@ class OutputLog(Generic[T]):
             reader = LogReader(self, self._first_index, self._first_offset)
         else:
             reader = LogReader(self, self.end_index, self.end_offset)
+            # Starting at live output was asked for; it is not a gap to report.
+            reader.fresh = False
         self._readers.add(reader)
         self._update_throttle()
         return reader
@@ -137,7 +139,7 @@ class OutputLog(Generic[T]):
     def shrink(self, capacity: int) -> None:
         """Keep less from now on (a finished producer's output is only kept for replay)."""
         self.capacity = min(self.capacity, capacity)
-        self._trim()
+        self._trim(keep_from=min((r.index for r in self._readers), default=self.end_index))
 
     def on_writable(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once, as soon as the log is writable again (now if it already is)."""
@@ -188,8 +190,9 @@ class OutputLog(Generic[T]):
             if not future.done():
                 future.set_result(None)
 
-    def _trim(self) -> None:
-        while self._retained > self.capacity and self.end_index - self._first_index > 1:
+    def _trim(self, keep_from: int | None = None) -> None:
+        limit = self.end_index - 1 if keep_from is None else min(keep_from, self.end_index - 1)
+        while self._retained > self.capacity and self._first_index < limit:
             size = self._sizes[self._head]
             self._items[self._head] = None
             self._head += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import logging
 import os
 import stat
@@ -52,7 +53,9 @@ def storage_error(exc: OSError, what: str) -> ApiError:
 
 @dataclass
 class Download:
-    fd: int
+    # A file object rather than a bare fd: should the response never be sent (the client
+    # left first), collecting it still closes the descriptor.
+    file: io.FileIO
     size: int
     name: str
     path: str
@@ -123,19 +126,20 @@ class FileService:
         except OSError as exc:
             raise ApiError(500, "read_failed", f"opening {path!r} failed: {exc.strerror}") from None
         os.set_blocking(fd, True)
-        return Download(fd=fd, size=os.fstat(fd).st_size, name=real.name, path=virtual)
+        file = io.FileIO(fd, "rb")
+        return Download(file=file, size=os.fstat(fd).st_size, name=real.name, path=virtual)
 
     async def stream(self, download: Download) -> AsyncIterator[bytes]:
         remaining = download.size
         try:
             while remaining > 0:
-                data = await asyncio.to_thread(os.read, download.fd, min(READ_CHUNK, remaining))
+                data = await asyncio.to_thread(download.file.read, min(READ_CHUNK, remaining))
                 if not data:
                     break
                 remaining -= len(data)
                 yield data
         finally:
-            os.close(download.fd)
+            download.file.close()
 
     # -- upload -----------------------------------------------------------------------------
 
@@ -200,8 +204,9 @@ class FileService:
             },
         )
         upload = _Upload()
+        # Parts that are not files named "file" are read past without a target.
         current: _PendingFile | None = None
-        skipping = False
+        data: list[bytes] = []
         complete = False
         try:
             async for chunk in chunks:
@@ -212,22 +217,28 @@ class FileService:
                         f"malformed multipart body: {exc}", "invalid_multipart"
                     ) from None
                 for kind, value in events:
+                    if kind == "data":
+                        if current is not None:
+                            data.append(value)
+                        continue
+                    if current is not None and data:
+                        await self._write(current, b"".join(data))
+                    data.clear()
+                    current = None
                     if kind == "part":
-                        current, skipping = None, True
                         _disposition, options = parse_options_header(
                             value.get(b"content-disposition")
                         )
                         if options.get(b"name") == b"file" and b"filename" in options:
                             filename = options[b"filename"].decode("utf-8", errors="replace")
                             current = self._begin_file(upload, filename, path, account)
-                            skipping = False
-                    elif kind == "data" and current is not None and not skipping:
-                        await self._write(current, value)
-                    elif kind == "end":
-                        current = None
                     elif kind == "done":
                         complete = True
                 events.clear()
+                # One write per network chunk rather than one per parser callback.
+                if current is not None and data:
+                    await self._write(current, b"".join(data))
+                data.clear()
             if not complete:
                 raise bad_request(
                     "the upload ended before the multipart body was complete", "incomplete_upload"

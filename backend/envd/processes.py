@@ -302,7 +302,7 @@ class ManagedProcess:
     async def events(
         self, *, replay: bool = True, encoding: Encoding = "base64"
     ) -> AsyncIterator[dict[str, Any]]:
-        """start, stdout/stderr (and ``dropped`` when output was lost to a full buffer), exit."""
+        """start, stdout/stderr, exit; ``dropped`` first when a replay misses the beginning."""
         reader: LogReader[OutputEvent] = self.log.attach(replay=replay)
         encoder = EventEncoder(encoding)
         try:

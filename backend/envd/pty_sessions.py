@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import grp
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ import subprocess
 import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +94,17 @@ def _set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+def _give_terminal(slave_fd: int, uid: int) -> None:
+    # As login(1) does: the user owns its terminal, so programs that open it by name
+    # (/dev/pts/N: tmux, less, ssh prompts) work after envd dropped to that user.
+    try:
+        tty_gid = grp.getgrnam("tty").gr_gid
+    except KeyError:
+        tty_gid = -1
+    os.fchown(slave_fd, uid, tty_gid)
+    os.fchmod(slave_fd, 0o620)
+
+
 def _acquire_controlling_tty() -> None:
     # Runs in the child after setsid(): make the PTY (already on fd 0) its controlling
     # terminal, so job control, Ctrl-C and SIGWINCH work.
@@ -112,7 +125,7 @@ class PtySession:
         cwd: str,
         user: str,
         ring_bytes: int,
-        on_exit: Any,
+        on_exit: Callable[[PtySession], None],
     ) -> None:
         self.tag = tag
         self.popen = popen
@@ -250,6 +263,8 @@ class PtyManager:
         master, slave = os.openpty()
         try:
             _set_winsize(master, request.cols, request.rows)
+            if ctx.switch_user:
+                _give_terminal(slave, ctx.account.uid)
             popen = subprocess.Popen(
                 argv,
                 executable=executable,
