@@ -358,6 +358,23 @@ def capsule_destroy(capsule_id: str) -> None:
     click.echo(f"{capsule_id} destroyed")
 
 
+@capsule.command("metrics")
+@click.argument("capsule_id")
+@click.option(
+    "--range",
+    "range_",
+    type=click.Choice(["1m", "5m", "10m", "1h", "2h", "24h"]),
+    default="5m",
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True)
+def capsule_metrics(capsule_id: str, range_: str, as_json: bool) -> None:
+    """A capsule's metric history (plus 3 live samples when it is running)."""
+    from backend.sampler.cli import metrics_command
+
+    sys.exit(metrics_command(capsule_id, range_, as_json))
+
+
 @capsule.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("capsule_id")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)

@@ -1,4 +1,4 @@
-"""Lifecycle benchmark: cold boot, pause, resume and snapshot sizes, in one run.
+"""Lifecycle benchmark: cold boot, warm create, pause, resume and snapshot sizes, in one run.
 
     python -m bench.lifecycle [--memory 256]
 
@@ -41,9 +41,29 @@ async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
     out: dict[str, Any] = {"memory_mib": memory_mib}
     try:
         started = time.monotonic()
-        capsule = await manager.create(memory_mib=memory_mib)
+        capsule = await manager.create(memory_mib=memory_mib, cold=True)
         out["cold_boot_s"] = round(time.monotonic() - started, 3)
         out["accel"] = capsule.accel
+
+        # warm creates: the template snapshot of this size exists after the first one
+        first = await manager.create(memory_mib=memory_mib)
+        await manager.destroy(first.id)
+        warm = []
+        for _ in range(3):
+            t = time.monotonic()
+            clone = await manager.create(memory_mib=memory_mib)
+            warm.append(time.monotonic() - t)
+            assert clone.extra.get("start") == "warm", clone.extra
+            await manager.destroy(clone.id)
+        out["create_warm_s"] = round(statistics.median(warm), 3)
+        t = time.monotonic()
+        batch = await asyncio.gather(*(manager.create(memory_mib=memory_mib) for _ in range(8)))
+        out["create_8_at_once_s"] = round(time.monotonic() - t, 3)
+        healthy = 0
+        for clone in batch:
+            healthy += (await manager.exec(clone.id, "true")).exit_code == 0
+            await manager.destroy(clone.id)
+        out["create_8_at_once_healthy"] = healthy
         await asyncio.sleep(2)  # let boot-time page cache settle into a steady idle state
 
         pauses, resumes = [], []
@@ -85,6 +105,7 @@ async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
 
     out["resume_over_cold_boot"] = round(out["resume_s"] / out["cold_boot_s"], 3)
+    out["create_warm_over_cold_boot"] = round(out["create_warm_s"] / out["cold_boot_s"], 3)
     out["read_prepare_over_idle"] = round(
         out["snapshot_read_prepare_bytes"] / out["snapshot_idle_bytes"], 3
     )
@@ -97,6 +118,10 @@ async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
         "pause_s<=3": out["pause_s"] <= 3.0,
         "read_prepare<=1.3x_idle": out["read_prepare_over_idle"] <= 1.3,
         "read_prepare<=0.5x_noprepare": out["read_prepare_over_noprepare"] <= 0.5,
+        "create_warm_s<=1.0": out["create_warm_s"] <= 1.0,
+        "create_warm<=15%_cold_boot": out["create_warm_over_cold_boot"] <= 0.15,
+        "8_at_once_healthy_within_5s": out["create_8_at_once_healthy"] == 8
+        and out["create_8_at_once_s"] <= 5.0,
     }
     return out
 

@@ -38,9 +38,11 @@ from backend.capsules.locks import CapsuleLocks
 from backend.capsules.models import Capsule, Event, Snapshot, State, new_capsule_id
 from backend.capsules.snapshotting import (
     SnapshotFiles,
-    copy_out,
+    copy_disk,
+    copy_ram,
     fsync_file,
     inflate_balloon,
+    prepare_ram_file,
     sha256_file,
 )
 from backend.capsules.store import Store
@@ -707,28 +709,36 @@ class CapsuleManager:
         timings: dict[str, float] = {}
         run_dir = self.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await copy_out(files, self.ram_file(capsule.id), run_dir / "disk.qcow2", what)
+        ram_file = self.ram_file(capsule.id)
+        await copy_disk(files, run_dir / "disk.qcow2", what)
+        await asyncio.to_thread(prepare_ram_file, files, ram_file)
         if (
             capsule.network == "internet"
             and not Path(f"/run/netns/{self._netns(capsule).name}").exists()
         ):
             await self._ensure_netns(capsule)
-        timings["copy"] = time.monotonic() - started
+        timings["disk_copy"] = time.monotonic() - started
         self._write_metadata(capsule)
         runtime = self.runtime(Path(capsule.image_dir))
         config = self.vm_config(capsule)
         with contextlib.suppress(OSError):
             config.console_log.rename(config.console_log.with_suffix(".log.1"))
-        vm = await runtime.restore(config, Path(files.path) / "vmstate")
+        # QEMU starts while the RAM file fills: it maps the file but touches no guest memory
+        # before the device state is loaded, which waits for the copy (and its checksum)
+        vm = await runtime.restore(
+            config, Path(files.path) / "vmstate", ready=copy_ram(files, ram_file, what)
+        )
         timings["restore"] = time.monotonic() - started
         self._vms[capsule.id] = vm
         capsule = self._save(capsule.with_(pid=vm.pid))
         async with self.envd(capsule) as envd:
             await envd.wait_healthy(RESUME_DEADLINE_S, vm.alive)
             timings["health"] = time.monotonic() - started
-            # snapshots are taken with the balloon inflated: give the guest its RAM back
-            await vm.balloon_set(capsule.memory_mib << 20)
-            await envd.init(**self._init_body(capsule))
+            # snapshots are taken with the balloon inflated: give the guest its RAM back, while
+            # envd takes its identity, clock and entropy
+            await asyncio.gather(
+                vm.balloon_set(capsule.memory_mib << 20), envd.init(**self._init_body(capsule))
+            )
             timings["init"] = time.monotonic() - started
         return capsule, {k: round(v, 3) for k, v in timings.items()}
 

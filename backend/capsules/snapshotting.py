@@ -84,22 +84,29 @@ async def inflate_balloon(vm: QemuVM, memory_mib: int, prepared: dict[str, Any])
     return True
 
 
-async def copy_out(files: SnapshotFiles, ram_file: Path, disk: Path, what: str) -> None:
-    """Copy a snapshot's RAM and disk to where a VM will run from them, verifying checksums
-    in the same pass; raises SnapshotCorrupt (and removes the copies) on a mismatch."""
+async def copy_disk(files: SnapshotFiles, disk: Path, what: str) -> None:
+    """Copy a snapshot's device state check and disk out, verifying checksums in the same pass;
+    raises SnapshotCorrupt (removing the copy) on a mismatch."""
     source = Path(files.path)
     state_sha = await asyncio.to_thread(sha256_file, source / "vmstate")
     if state_sha != files.state_sha256:
         raise SnapshotCorrupt(f"device state of {what} is corrupt (checksum mismatch)")
-    ram, disk_copy = await asyncio.gather(
-        asyncio.to_thread(sparse.sparse_copy, source / "mem", ram_file, fsync=False),
-        asyncio.to_thread(sparse.sparse_copy, source / "disk.qcow2", disk, fsync=False),
+    copied = await asyncio.to_thread(sparse.sparse_copy, source / "disk.qcow2", disk, fsync=False)
+    if copied.sha256 != files.disk_sha256:
+        disk.unlink(missing_ok=True)
+        raise SnapshotCorrupt(f"disk of {what} is corrupt (checksum mismatch)")
+
+
+def prepare_ram_file(files: SnapshotFiles, ram_file: Path) -> None:
+    """Make the RAM file the VMM will map: full size, all holes, filled by `copy_ram`."""
+    sparse.create_holes(ram_file, (Path(files.path) / "mem").stat().st_size)
+
+
+async def copy_ram(files: SnapshotFiles, ram_file: Path, what: str) -> None:
+    """Fill the prepared RAM file from the snapshot (the VMM may start meanwhile: it does not
+    touch guest RAM before the device state is loaded); SnapshotCorrupt on a mismatch."""
+    copied = await asyncio.to_thread(
+        sparse.sparse_copy, Path(files.path) / "mem", ram_file, fsync=False, truncate=False
     )
-    for name, got, want in (
-        ("RAM", ram.sha256, files.ram_sha256),
-        ("disk", disk_copy.sha256, files.disk_sha256),
-    ):
-        if got != want:
-            ram_file.unlink(missing_ok=True)
-            disk.unlink(missing_ok=True)
-            raise SnapshotCorrupt(f"{name} of {what} is corrupt (checksum mismatch)")
+    if copied.sha256 != files.ram_sha256:
+        raise SnapshotCorrupt(f"RAM of {what} is corrupt (checksum mismatch)")

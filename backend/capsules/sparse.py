@@ -44,12 +44,17 @@ def _hash_extent(digest: hashlib._Hash, offset: int, length: int) -> None:
     digest.update(offset.to_bytes(8, "little") + length.to_bytes(8, "little"))
 
 
-def sparse_copy(src: Path, dst: Path, *, fsync: bool = True) -> CopyResult:
-    """Copy `src` to `dst` keeping holes; returns sizes and the extent checksum of `src`."""
+def sparse_copy(src: Path, dst: Path, *, fsync: bool = True, truncate: bool = True) -> CopyResult:
+    """Copy `src` to `dst` keeping holes; returns sizes and the extent checksum of `src`.
+
+    `truncate=False` writes into an existing all-holes file of the right size without cutting it
+    first (a VMM may already have it mapped).
+    """
     digest = hashlib.sha256()
     with src.open("rb") as fin:
         size = os.fstat(fin.fileno()).st_size
-        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
+        fd_out = os.open(dst, flags, 0o600)
         try:
             os.ftruncate(fd_out, size)
             for offset, length in data_extents(fin.fileno(), size):
@@ -87,6 +92,16 @@ def sparse_checksum(path: Path) -> str:
                 digest.update(chunk)
                 done += len(chunk)
     return digest.hexdigest()
+
+
+def create_holes(path: Path, size: int) -> None:
+    """A new file of `size` bytes, all holes (replacing any file there)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 def allocated_bytes(path: Path) -> int:

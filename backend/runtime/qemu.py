@@ -27,7 +27,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from qemu.qmp import QMPClient, QMPError
@@ -385,9 +385,26 @@ class QemuRuntime:
     async def create(self, config: VMConfig) -> QemuVM:
         return await self._start(config, incoming=False)
 
-    async def restore(self, config: VMConfig, device_state: Path) -> QemuVM:
-        vm = await self._start(config, incoming=True)
+    async def restore(
+        self, config: VMConfig, device_state: Path, ready: Awaitable[None] | None = None
+    ) -> QemuVM:
+        """Start QEMU waiting for a device state, load it and run the VM.
+
+        `ready` (e.g. the RAM file still being filled) runs while QEMU starts; the state is
+        loaded only after it completes, and if it fails QEMU is killed and the error raised.
+        """
+        pending = asyncio.ensure_future(ready) if ready is not None else None
         try:
+            vm = await self._start(config, incoming=True)
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            raise
+        try:
+            if pending is not None:
+                await pending
             async with vm.session():
                 await self._incoming(vm, device_state)
         except BaseException:

@@ -82,13 +82,21 @@ class Ring:
 
     def points(self, index: int, since: float) -> list[tuple[float, float]]:
         """(ts, value) of one column with ts >= since, oldest first, NaN left out."""
-        column = self._columns[index]
+        column, stamps, capacity = self._columns[index], self._ts, self.capacity
         out: list[tuple[float, float]] = []
-        for i in self._indices():
-            ts = self._ts[i]
+        # Newest first and stop at the first older row: a dashboard asking for the last
+        # minute of many capsules every second pays for the minute, not the whole ring.
+        # (Rows are in time order; after a wall-clock step back the older part is cut off.)
+        i = self._head
+        for _ in range(self._len):
+            i = (i - 1) % capacity
+            ts = stamps[i]
+            if ts < since:
+                break
             value = column[i]
-            if ts >= since and not math.isnan(value):
+            if not math.isnan(value):
                 out.append((ts, value))
+        out.reverse()
         return out
 
     @property
