@@ -1,0 +1,329 @@
+"""The main screen: every capsule with its health and live sparklines, and the keys to drive them.
+
+Data flow: the sampler calls back once a second; the callback only queues the tick and posts a
+message, so the sampler's own clock never waits on drawing. A UI that falls behind still feeds
+every tick's samples to the sparklines but draws once. The handler re-reads the capsule list (the
+CLI changes the database too), gathers each row's numbers and hands them to the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, cast
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input
+
+from backend.capsules.models import Capsule, State
+from backend.sampler import Tick
+from tui.widgets.capsule_table import SPARK_POINTS, CapsuleTable, CapsuleView, SortMode
+from tui.widgets.sparkline import SparkHistory
+from tui.widgets.status_bar import StatusBar, StatusInfo
+
+if TYPE_CHECKING:
+    from tui.app import WrennApp
+
+log = logging.getLogger("wrenn.tui")
+
+STALL_AFTER_S = 3.0
+"""No tick for this long: the status line says the sampler has stalled."""
+TRANSITIONS = (State.PENDING, State.PAUSING, State.RESUMING)
+UPDATE_HISTORY = 600
+SPARK_SERIES = ("guest_mem_used", "guest_cpu_pct")
+
+
+class MainScreen(Screen[None]):
+    CSS_PATH = "main.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("n", "create", "New"),
+        Binding("p", "pause", "Pause"),
+        Binding("r", "resume", "Resume"),
+        Binding("ctrl+d", "destroy", "Destroy"),
+        Binding("slash", "filter", "Filter"),
+        Binding("C", "sort('cpu')", "Sort CPU", key_display="C"),
+        Binding("M", "sort('mem')", "Sort mem", key_display="M"),
+        Binding("escape", "clear_filter", "Clear filter"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "app.quit", "Quit"),
+    ]
+
+    class Ticked(Message):
+        """The sampler produced ticks (waiting in `MainScreen.pending_ticks`)."""
+
+    class CapsulesChanged(Message):
+        """A capsule changed outside a tick (an operation of this dashboard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending_ticks: list[Tick] = []
+        self.sparks = SparkHistory(SPARK_SERIES, SPARK_POINTS)
+        self.last_tick: Tick | None = None
+        self.last_tick_at = time.monotonic()
+        self.filter_text = ""
+        self.update_ms: deque[float] = deque(maxlen=UPDATE_HISTORY)
+        """Milliseconds each table update took (the benchmark reads them)."""
+        self._snapshot_sizes: dict[tuple[str, int], int | None] = {}
+        self._binding_state: tuple[object, ...] = ()
+        self._last_error = ""
+        self._change_pending = False
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @property
+    def wrenn(self) -> WrennApp:
+        return cast("WrennApp", self.app)
+
+    @property
+    def table(self) -> CapsuleTable:
+        return self.query_one(CapsuleTable)
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield StatusBar(id="status")
+        yield Input(placeholder="filter by id, state or template", id="filter")
+        # Shell panes (a later issue) go below the table inside this split.
+        with Vertical(id="workspace"):
+            yield CapsuleTable(id="capsules")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#filter", Input).cursor_blink = self.wrenn.cursor_blink
+        self._unsubscribe = self.wrenn.sampler.subscribe(self._on_tick)
+        self.table.focus()
+        self.refresh_rows()
+        self.set_interval(1.0, self._watch_sampler)
+
+    def on_unmount(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _on_tick(self, tick: Tick) -> None:
+        self.pending_ticks.append(tick)
+        if len(self.pending_ticks) == 1:
+            self.post_message(self.Ticked())
+
+    def on_main_screen_ticked(self, _: Ticked) -> None:
+        ticks, self.pending_ticks = self.pending_ticks, []
+        if not ticks:
+            return
+        for tick in ticks:
+            for capsule_id, sample in tick.samples.items():
+                figures = {
+                    "guest_mem_used": sample.guest_mem_used,
+                    "guest_cpu_pct": sample.guest_cpu_pct,
+                }
+                self.sparks.add(capsule_id, sample.ts, figures)
+        self.last_tick = ticks[-1]
+        self.last_tick_at = time.monotonic()
+        self.refresh_rows()
+
+    def capsules_changed(self) -> None:
+        """Redraw soon; a burst of state changes (create saves several) draws once."""
+        if not self._change_pending:
+            self._change_pending = True
+            self.post_message(self.CapsulesChanged())
+
+    def on_main_screen_capsules_changed(self, _: CapsulesChanged) -> None:
+        self._change_pending = False
+        self.refresh_rows()
+
+    def _watch_sampler(self) -> None:
+        if time.monotonic() - self.last_tick_at > STALL_AFTER_S:
+            self.refresh_rows()
+
+    def refresh_rows(self) -> None:
+        """Re-read the capsules and redraw the rows and the status line."""
+        try:
+            self._refresh_rows()
+        except Exception as exc:
+            # One bad read (a locked or half-migrated database) must not take the dashboard
+            # down; the next tick tries again. Say it once, not every second.
+            log.exception("updating the capsule table failed")
+            message = f"cannot update the capsule table: {exc}"
+            if message != self._last_error:
+                self._last_error = message
+                self.notify(message, severity="error", markup=False)
+        else:
+            self._last_error = ""
+
+    def _refresh_rows(self) -> None:
+        started = time.perf_counter()
+        app = self.wrenn
+        capsules = app.manager.list_capsules()
+        tick = self.last_tick
+        now = tick.ts if tick is not None else app.clock()
+        views = [self._view(capsule) for capsule in capsules if self._matches(capsule)]
+        present = {capsule.id for capsule in capsules}
+        self.sparks.keep(present)
+        if len(self._snapshot_sizes) > 2 * len(present):
+            self._snapshot_sizes = {
+                key: size for key, size in self._snapshot_sizes.items() if key[0] in present
+            }
+        self.table.show(views, now)
+        self._show_status(capsules)
+        self._refresh_bindings_if_needed()
+        self.update_ms.append((time.perf_counter() - started) * 1000)
+
+    def _view(self, capsule: Capsule) -> CapsuleView:
+        sampler = self.wrenn.sampler
+        if capsule.id not in self.sparks:
+            self.sparks.seed(
+                capsule.id,
+                {name: sampler.history(capsule.id, name, SPARK_POINTS) for name in SPARK_SERIES},
+            )
+        running = capsule.state == State.RUNNING
+        return CapsuleView(
+            capsule=capsule,
+            sample=sampler.latest(capsule.id) if running else None,
+            mem_history=self.sparks.points(capsule.id, "guest_mem_used"),
+            cpu_history=self.sparks.points(capsule.id, "guest_cpu_pct"),
+            snapshot_bytes=self._snapshot_size(capsule),
+            operation=self.wrenn.operations.get(capsule.id),
+        )
+
+    def _snapshot_size(self, capsule: Capsule) -> int | None:
+        if capsule.generation == 0:
+            return None
+        key = (capsule.id, capsule.generation)
+        if key not in self._snapshot_sizes:
+            sizes = {
+                s.generation: s.total_allocated for s in self.wrenn.manager.snapshots(capsule.id)
+            }
+            self._snapshot_sizes[key] = sizes.get(capsule.generation)
+        return self._snapshot_sizes[key]
+
+    def _matches(self, capsule: Capsule) -> bool:
+        needle = self.filter_text.lower()
+        if not needle:
+            return True
+        return any(needle in field for field in (capsule.id, capsule.state.value, capsule.template))
+
+    def _show_status(self, capsules: list[Capsule]) -> None:
+        app = self.wrenn
+        states = [c.state for c in capsules]
+        stats = self.last_tick.stats if self.last_tick is not None else app.sampler.stats
+        self.query_one(StatusBar).show(
+            StatusInfo(
+                running=states.count(State.RUNNING),
+                paused=states.count(State.PAUSED),
+                busy=sum(states.count(s) for s in TRANSITIONS),
+                failed=states.count(State.ERROR),
+                host=app.host_probe(),
+                tick_p99_ms=stats.tick_p99_ms if stats.ticks else None,
+                accel=app.accel,
+                sort=self.table.row_sort.label,
+                filter=self.filter_text,
+                sampler_stalled=self.last_tick is not None
+                and time.monotonic() - self.last_tick_at > STALL_AFTER_S,
+            )
+        )
+
+    # -- which keys apply -------------------------------------------------------------------
+
+    def selected_view(self) -> CapsuleView | None:
+        selected = self.table.selected_id
+        return self.table.view(selected) if selected else None
+
+    def _refresh_bindings_if_needed(self) -> None:
+        # The Footer rebuilds itself on every refresh_bindings(), so only ask when what the
+        # keys can do changed, not merely which capsule is selected.
+        view = self.selected_view()
+        state: tuple[object, ...] = (
+            (view.capsule.state, view.operation) if view else None,
+            self.filter_text != "" or self.query_one("#filter", Input).display,
+        )
+        if state != self._binding_state:
+            self._binding_state = state
+            self.refresh_bindings()
+
+    @on(DataTable.RowHighlighted)
+    def _selection_moved(self) -> None:
+        self._refresh_bindings_if_needed()
+
+    @on(DataTable.RowSelected)
+    def _row_clicked(self) -> None:
+        self.action_details()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "clear_filter":
+            return bool(self._binding_state and self._binding_state[1])
+        if action not in ("pause", "resume", "destroy", "details"):
+            return True
+        view = self.selected_view()
+        if view is None:
+            return None
+        if action == "details":
+            return True
+        state = view.capsule.state
+        if view.operation is not None:
+            return None
+        if action == "pause":
+            return True if state == State.RUNNING else None
+        if action == "resume":
+            return True if state == State.PAUSED else None
+        return True if state not in TRANSITIONS else None
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def action_create(self) -> None:
+        self.wrenn.request_create()
+
+    def action_pause(self) -> None:
+        if (view := self.selected_view()) is not None:
+            self.wrenn.pause_capsule(view.capsule.id)
+
+    def action_resume(self) -> None:
+        if (view := self.selected_view()) is not None:
+            self.wrenn.resume_capsule(view.capsule.id)
+
+    def action_destroy(self) -> None:
+        if (view := self.selected_view()) is not None:
+            self.wrenn.request_destroy(view.capsule.id)
+
+    def action_details(self) -> None:
+        if (view := self.selected_view()) is not None:
+            self.wrenn.show_details(view.capsule.id)
+
+    def action_sort(self, mode: str) -> None:
+        table = self.table
+        table.set_sort(table.row_sort.toggled(SortMode(mode)))
+        self.refresh_rows()
+
+    def action_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.display = True
+        field.focus()
+        self._refresh_bindings_if_needed()
+
+    def action_clear_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.value = ""
+        field.display = False
+        self.filter_text = ""
+        self.table.focus()
+        self.refresh_rows()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value.strip()
+        self.refresh_rows()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self) -> None:
+        if not self.filter_text:
+            self.query_one("#filter", Input).display = False
+        self.table.focus()
+        self._refresh_bindings_if_needed()
+
+    def action_help(self) -> None:
+        self.wrenn.show_help(self)
