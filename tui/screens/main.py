@@ -20,10 +20,12 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input
+from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
 
 from backend.capsules.models import Capsule, State
 from backend.sampler import Tick
+from tui.terminal import TerminalPane, session_tag
+from tui.terminal.attach import AttachError, attach_fullscreen
 from tui.widgets.capsule_table import SPARK_POINTS, CapsuleTable, CapsuleView, SortMode
 from tui.widgets.sparkline import SparkHistory
 from tui.widgets.status_bar import StatusBar, StatusInfo
@@ -47,6 +49,9 @@ class MainScreen(Screen[None]):
         Binding("p", "pause", "Pause"),
         Binding("r", "resume", "Resume"),
         Binding("ctrl+d", "destroy", "Destroy"),
+        Binding("s", "shell", "Shell"),
+        Binding("A", "attach", "Attach", key_display="A"),
+        Binding("x", "close_shell", "Close shell"),
         Binding("slash", "filter", "Filter"),
         Binding("C", "sort('cpu')", "Sort CPU", key_display="C"),
         Binding("M", "sort('mem')", "Sort mem", key_display="M"),
@@ -88,9 +93,10 @@ class MainScreen(Screen[None]):
         yield Header()
         yield StatusBar(id="status")
         yield Input(placeholder="filter by id, state or template", id="filter")
-        # Shell panes (a later issue) go below the table inside this split.
+        # Shell panes go below the table, one tab per capsule.
         with Vertical(id="workspace"):
             yield CapsuleTable(id="capsules")
+            yield TabbedContent(id="shells")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -170,6 +176,7 @@ class MainScreen(Screen[None]):
                 key: size for key, size in self._snapshot_sizes.items() if key[0] in present
             }
         self.table.show(views, now)
+        self._sync_shells({capsule.id: capsule for capsule in capsules})
         self._show_status(capsules)
         self._refresh_bindings_if_needed()
         self.update_ms.append((time.perf_counter() - started) * 1000)
@@ -257,6 +264,12 @@ class MainScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "clear_filter":
             return bool(self._binding_state and self._binding_state[1])
+        if action == "close_shell":
+            return True if self._shell_panes() else None
+        if action in ("shell", "attach"):
+            view = self.selected_view()
+            running = view is not None and view.capsule.state == State.RUNNING
+            return True if running and view is not None and view.operation is None else None
         if action not in ("pause", "resume", "destroy", "details"):
             return True
         view = self.selected_view()
@@ -327,3 +340,70 @@ class MainScreen(Screen[None]):
 
     def action_help(self) -> None:
         self.wrenn.show_help(self)
+
+    # -- shells -----------------------------------------------------------------------------
+
+    def _shell_panes(self) -> list[TerminalPane]:
+        return list(self.query(TerminalPane))
+
+    def _shell_pane(self, capsule_id: str) -> TerminalPane | None:
+        return next((p for p in self._shell_panes() if p.capsule_id == capsule_id), None)
+
+    def _sync_shells(self, capsules: dict[str, Capsule]) -> None:
+        """Panes follow their capsule: paused while it is, gone when it is destroyed."""
+        tabs = self.query_one("#shells", TabbedContent)
+        for pane in self._shell_panes():
+            capsule = capsules.get(pane.capsule_id)
+            if capsule is None:
+                tabs.remove_pane(f"shell-{pane.capsule_id}")
+            else:
+                pane.set_paused(capsule.state != State.RUNNING)
+        if not tabs.tab_count:
+            tabs.display = False
+
+    async def action_shell(self) -> None:
+        view = self.selected_view()
+        if view is None:
+            return
+        capsule = view.capsule
+        tabs = self.query_one("#shells", TabbedContent)
+        tabs.display = True
+        pane = self._shell_pane(capsule.id)
+        if pane is None:
+            pane = TerminalPane(capsule.id, capsule.envd_url, capsule.access_token)
+            await tabs.add_pane(TabPane(capsule.id, pane, id=f"shell-{capsule.id}"))
+        tabs.active = f"shell-{capsule.id}"
+        pane.set_paused(capsule.state != State.RUNNING)
+        pane.focus()
+        self.wrenn.manager.touch(capsule.id)
+        self.refresh_bindings()
+
+    async def action_attach(self) -> None:
+        view = self.selected_view()
+        if view is None:
+            return
+        capsule = view.capsule
+        self.wrenn.manager.touch(capsule.id)
+        pane = self._shell_pane(capsule.id)
+        if pane is not None:
+            # the pane lets go of its socket while the real terminal drives the session
+            await pane.attach_fullscreen()
+            return
+        try:
+            with self.app.suspend():
+                attach_fullscreen(capsule.envd_url, capsule.access_token, session_tag(capsule.id))
+        except AttachError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+
+    async def action_close_shell(self) -> None:
+        tabs = self.query_one("#shells", TabbedContent)
+        active = tabs.active
+        if active:
+            await tabs.remove_pane(active)
+        if not tabs.tab_count:
+            tabs.display = False
+        self.table.focus()
+        self.refresh_bindings()
+
+    def on_terminal_pane_detached(self, _: TerminalPane.Detached) -> None:
+        self.table.focus()
