@@ -80,6 +80,8 @@ class CapsuleManager:
         self._listeners: list[Listener] = []
         self._watchdog: asyncio.Task[None] | None = None
         self.templates = TemplateSnapshots(paths)
+        self.net_scope = net.scope_of(paths.state)
+        """Tag of this agent's network namespaces, links and nftables table."""
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -137,11 +139,11 @@ class CapsuleManager:
 
     def _netns(self, capsule: Capsule) -> net.CapsuleNetns:
         assert capsule.net_slot is not None, f"{capsule.id} has no network slot"
-        return net.netns_for(capsule.id, capsule.net_slot)
+        return net.netns_for(self.net_scope, capsule.id, capsule.net_slot)
 
     async def _ensure_netns(self, capsule: Capsule) -> None:
         if capsule.network == "internet":
-            await asyncio.to_thread(net.setup_netns, self._netns(capsule))
+            await asyncio.to_thread(net.setup_netns, self.net_scope, self._netns(capsule))
 
     def envd(self, capsule: Capsule, timeout: float = 10.0) -> EnvdClient:
         return EnvdClient(capsule.envd_url, capsule.access_token, timeout=timeout)
@@ -234,13 +236,13 @@ class CapsuleManager:
         capsules = [c for c in self.store.list_capsules() if c.network == "internet"]
         wanted = {self._netns(c).name for c in capsules if c.net_slot is not None}
         try:
-            for name in await asyncio.to_thread(net.existing_netns):
+            for name in await asyncio.to_thread(net.existing_netns, self.net_scope):
                 if name not in wanted:
-                    await asyncio.to_thread(net.teardown_netns, name)
+                    await asyncio.to_thread(net.teardown_netns_named, self.net_scope, name)
             if capsules:
-                await asyncio.to_thread(net.ensure_rules)
+                await asyncio.to_thread(net.ensure_rules, self.net_scope)
             else:
-                await asyncio.to_thread(net.remove_rules)
+                await asyncio.to_thread(net.remove_rules, self.net_scope)
         except NetworkUnavailable as exc:
             for capsule in capsules:
                 self._event(capsule.id, "error", f"network isolation unavailable: {exc}")
@@ -390,7 +392,7 @@ class CapsuleManager:
             net_slot=slot,
         )
         if slot is not None:
-            capsule = capsule.with_(envd_host=net.netns_for(capsule.id, slot).ns_ip)
+            capsule = capsule.with_(envd_host=net.netns_for(self.net_scope, capsule.id, slot).ns_ip)
         async with self.locks.hold(capsule.id):
             run_dir = self.run_dir(capsule.id)
             run_dir.mkdir(parents=True, mode=0o700)
@@ -768,7 +770,7 @@ class CapsuleManager:
             shutil.rmtree(self.run_dir(capsule_id), ignore_errors=True)
             shutil.rmtree(self.snapshot_dir(capsule_id), ignore_errors=True)
             if capsule.network == "internet" and capsule.net_slot is not None:
-                await asyncio.to_thread(net.teardown_netns, self._netns(capsule).name)
+                await asyncio.to_thread(net.teardown_netns, self._netns(capsule))
             self.store.delete(capsule_id)
             self._event(capsule_id, "destroy", "destroyed")
             self._vms.pop(capsule_id, None)

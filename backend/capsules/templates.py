@@ -152,13 +152,13 @@ class TemplateSnapshots:
         )
         netns = None
         if network == "internet":
-            # the last address slot is the template builder's (builds are serialised by a lock)
-            netns = net.netns_for(f"tpl-{key}", net.SLOTS - 1)
+            scope = net.scope_of(self.paths.state)
+            netns = net.netns_for(scope, f"tpl{os.getpid():05d}"[-8:], net.free_slot(set()))
             config = replace(config, netns=netns.name, forward_host=netns.ns_ip)
         vm = None
         try:
             if netns is not None:
-                await asyncio.to_thread(net.setup_netns, netns)
+                await asyncio.to_thread(net.setup_netns, scope, netns)
             report(f"booting the template ({memory_mib} MiB, {vcpus} vCPU, {accel})")
             subprocess.run(
                 [
@@ -232,7 +232,7 @@ class TemplateSnapshots:
             shutil.rmtree(run_dir, ignore_errors=True)
             ram_file.unlink(missing_ok=True)
             if netns is not None:
-                net.teardown_netns(netns.name)
+                net.teardown_netns(netns)
 
     def _record(self, image_dir: Path, key: str, snap: TemplateSnapshot | None) -> None:
         """Keep the image manifest's list of template snapshots (and checksums) current."""

@@ -15,11 +15,13 @@ internet  QEMU runs in its own network namespace `wn-<id>`, linked to the host b
           (forward), and masquerades the rest out of the host's default route. Needs root,
           iproute2, nftables, and it turns on IPv4 forwarding.
 Host state (namespaces, veths, the table) is removed by the agent when no live capsule needs it,
-at start after a crash included.
+at start after a crash included. Every name carries a tag of the agent's state dir (its scope),
+so agents with different state dirs on one host (tests do this) never remove each other's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -28,12 +30,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODES = ("none", "internet")
-NFT_TABLE = "wrenn"
-NETNS_PREFIX = "wn-"
-HOST_IF_PREFIX = "wnh-"
-NS_IF_PREFIX = "wnc-"
 SUBNET = ipaddress.ip_network("10.201.0.0/16")
 SLOTS = SUBNET.num_addresses // 4
+
+
+def scope_of(state_dir: Path) -> str:
+    """A 4-hex-digit tag naming one agent's (state dir's) namespaces, links and table."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:4]
+
+
+def table_name(scope: str) -> str:
+    return f"wrenn_{scope}"
+
+
+def netns_prefix(scope: str) -> str:
+    return f"wn-{scope}-"
+
+
+def host_if_prefix(scope: str) -> str:
+    return f"wh{scope}"
 
 
 class NetworkUnavailable(Exception):
@@ -72,82 +87,101 @@ def internet_unavailable_reason() -> str | None:
     return None
 
 
-def netns_for(capsule_id: str, slot: int) -> CapsuleNetns:
-    short = capsule_id.removeprefix("cl-")[-10:]
+def netns_for(scope: str, capsule_id: str, slot: int) -> CapsuleNetns:
+    short = capsule_id.removeprefix("cl-")[-8:]
     base = int(SUBNET.network_address) + 4 * slot
     return CapsuleNetns(
-        name=f"{NETNS_PREFIX}{short}",
-        host_if=f"{HOST_IF_PREFIX}{short}",
+        name=f"{netns_prefix(scope)}{short}",
+        host_if=f"{host_if_prefix(scope)}{short}",
         host_ip=str(ipaddress.ip_address(base + 1)),
         ns_ip=str(ipaddress.ip_address(base + 2)),
     )
 
 
-def existing_netns() -> list[str]:
+def existing_netns(scope: str) -> list[str]:
     if _tool("ip") is None:
         return []
     out = _run("ip", "netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(NETNS_PREFIX)]
+    prefix = netns_prefix(scope)
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+def slots_in_use_on_host() -> set[int]:
+    """Slots whose host-side address is configured on this host (by any agent)."""
+    if _tool("ip") is None:
+        return set()
+    out = _run("ip", "-o", "-4", "addr", "show", check=False).stdout
+    used = set()
+    for line in out.split("\n"):
+        fields = line.split()
+        if "inet" in fields:
+            address = ipaddress.ip_interface(fields[fields.index("inet") + 1]).ip
+            if address in SUBNET:
+                used.add((int(address) - int(SUBNET.network_address)) // 4)
+    return used
 
 
 def free_slot(used: set[int]) -> int:
+    taken = used | slots_in_use_on_host()
     for slot in range(SLOTS):
-        if slot not in used:
+        if slot not in taken:
             return slot
     raise NetworkUnavailable("no free address slot for another internet-mode capsule")
 
 
-def ruleset() -> str:
+def ruleset(scope: str) -> str:
+    ours = f"{host_if_prefix(scope)}*"
     return (
-        f"table inet {NFT_TABLE} {{\n"
+        f"table inet {table_name(scope)} {{\n"
         "  chain input {\n"
         "    type filter hook input priority filter; policy accept;\n"
-        f'    iifname "{HOST_IF_PREFIX}*" ct state new counter drop\n'
+        f'    iifname "{ours}" ct state new counter drop\n'
         "  }\n"
         "  chain forward {\n"
         "    type filter hook forward priority filter; policy accept;\n"
-        f'    iifname "{HOST_IF_PREFIX}*" oifname "{HOST_IF_PREFIX}*" counter drop\n'
-        f'    oifname "{HOST_IF_PREFIX}*" ct state new counter drop\n'
+        f'    iifname "{ours}" oifname "{ours}" counter drop\n'
+        f'    oifname "{ours}" ct state new counter drop\n'
         "  }\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
-        f'    ip saddr {SUBNET} oifname != "{HOST_IF_PREFIX}*" masquerade\n'
+        f'    iifname "{ours}" oifname != "{ours}" masquerade\n'
         "  }\n"
         "}\n"
     )
 
 
-def ensure_rules() -> None:
-    """Load the table and turn on forwarding; idempotent."""
+def ensure_rules(scope: str) -> None:
+    """Load this scope's table and turn on forwarding; idempotent."""
     reason = internet_unavailable_reason()
     if reason is not None:
         raise NetworkUnavailable(reason)
     nft = _tool("nft")
     assert nft is not None
     # `add` then `delete` makes the reload work whether or not the table exists
-    script = f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n" + ruleset()
+    table = table_name(scope)
+    script = f"add table inet {table}\ndelete table inet {table}\n" + ruleset(scope)
     _run(nft, "-f", "-", stdin=script)
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
 
 
-def remove_rules() -> None:
+def remove_rules(scope: str) -> None:
     nft = _tool("nft")
     if nft is not None and os.geteuid() == 0:
-        _run(nft, "delete", "table", "inet", NFT_TABLE, check=False)
+        _run(nft, "delete", "table", "inet", table_name(scope), check=False)
 
 
-def rules_active() -> bool:
+def rules_active(scope: str) -> bool:
     nft = _tool("nft")
     if nft is None or os.geteuid() != 0:
         return False
-    return _run(nft, "list", "table", "inet", NFT_TABLE, check=False).returncode == 0
+    return _run(nft, "list", "table", "inet", table_name(scope), check=False).returncode == 0
 
 
-def setup_netns(net: CapsuleNetns) -> None:
+def setup_netns(scope: str, net: CapsuleNetns) -> None:
     """Create the capsule's namespace and veth pair (replacing leftovers of the same name)."""
-    ensure_rules()
-    teardown_netns(net.name)
-    ns_if = net.host_if.replace(HOST_IF_PREFIX, NS_IF_PREFIX, 1)
+    ensure_rules(scope)
+    teardown_netns(net)
+    ns_if = "wc" + net.host_if[2:]
     try:
         _run("ip", "netns", "add", net.name)
         _run("ip", "link", "add", net.host_if, "type", "veth", "peer", "name", ns_if)
@@ -159,14 +193,22 @@ def setup_netns(net: CapsuleNetns) -> None:
         _run("ip", "-n", net.name, "link", "set", "lo", "up")
         _run("ip", "-n", net.name, "route", "add", "default", "via", net.host_ip)
     except NetworkUnavailable:
-        teardown_netns(net.name)
+        teardown_netns(net)
         raise
 
 
-def teardown_netns(name: str) -> None:
-    """Delete a namespace; its veth pair goes with it."""
+def teardown_netns(net: CapsuleNetns) -> None:
+    """Delete a namespace and its veth pair."""
     if _tool("ip") is None:
         return
-    short = name.removeprefix(NETNS_PREFIX)
-    _run("ip", "link", "del", f"{HOST_IF_PREFIX}{short}", check=False)
+    _run("ip", "link", "del", net.host_if, check=False)
+    _run("ip", "netns", "del", net.name, check=False)
+
+
+def teardown_netns_named(scope: str, name: str) -> None:
+    """Delete a leftover namespace found by name (its veth is named after it)."""
+    short = name.removeprefix(netns_prefix(scope))
+    if _tool("ip") is None:
+        return
+    _run("ip", "link", "del", f"{host_if_prefix(scope)}{short}", check=False)
     _run("ip", "netns", "del", name, check=False)

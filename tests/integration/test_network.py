@@ -180,9 +180,9 @@ async def test_internet_mode_leaves_only_through_nat(
         other = await manager.create()
         capsule = await manager.create(network="internet")
         neighbour = await manager.create(network="internet")
-        assert net.rules_active()
+        assert net.rules_active(manager.net_scope)
         assert capsule.envd_host != "127.0.0.1"
-        gateway = net.netns_for(capsule.id, capsule.net_slot or 0).host_ip
+        gateway = net.netns_for(manager.net_scope, capsule.id, capsule.net_slot or 0).host_ip
         verdicts = await probe(
             manager,
             capsule.id,
@@ -229,15 +229,24 @@ async def test_leftovers_of_a_crashed_agent_are_removed_at_start(
     if internet_unavailable_reason() is not None:
         pytest.fail(f"the internet mode is unavailable: {internet_unavailable_reason()}")
     # what a crashed agent leaves: a namespace and veth of a capsule no longer known, and rules
-    leftover = net.netns_for("cl-leftover0000", net.SLOTS - 2)
-    net.setup_netns(leftover)
-    assert net.rules_active() and leftover.name in net.existing_netns()
+    scope = manager.net_scope
+    leftover = net.netns_for(scope, "cl-leftover0000", net.free_slot(set()))
+    net.setup_netns(scope, leftover)
+    # another agent's (another state dir's) namespace must survive this agent's clean-up
+    other_scope = "ffff" if scope != "ffff" else "eeee"
+    foreign = net.netns_for(other_scope, "cl-foreign00000", net.free_slot(set()))
+    net.setup_netns(other_scope, foreign)
+    assert net.rules_active(scope) and leftover.name in net.existing_netns(scope)
     fresh = CapsuleManager(manager.paths)
     try:
         await fresh.start(watchdog=False)
-        assert not net.rules_active()
-        assert leftover.name not in net.existing_netns()
+        assert not net.rules_active(scope)
+        assert leftover.name not in net.existing_netns(scope)
         links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
         assert leftover.host_if not in links
+        assert foreign.name in net.existing_netns(other_scope)
+        assert net.rules_active(other_scope)
     finally:
         await fresh.close()
+        net.teardown_netns(foreign)
+        net.remove_rules(other_scope)
