@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from backend.api.cli import api_key, serve
 from backend.config import default_paths
 
 
@@ -398,3 +399,7 @@ def capsule_exec(capsule_id: str, argv: tuple[str, ...], timeout: float, as_json
     sys.stderr.write(result.stderr)
     sys.stdout.flush()
     sys.exit(result.exit_code)
+
+
+main.add_command(serve)
+main.add_command(api_key)

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from . import __version__
+from . import __version__, connect
 from .auth import AuthMiddleware
 from .errors import STATUS_CODES, ApiError, bad_request
 from .processes import Encoding, ExecRequest, StartRequest
@@ -278,7 +278,8 @@ def create_app(envd: Envd) -> Starlette:
             await envd.stop()
 
     return Starlette(
-        routes=Api(envd).routes(),
+        # The Connect RPC façade (the E2B SDK's protocol) on the same managers and port.
+        routes=[*Api(envd).routes(), *connect.routes(envd)],
         middleware=[Middleware(AuthMiddleware, expected_token=lambda: envd.state.access_token)],
         exception_handlers={
             ApiError: _api_error,

@@ -1,0 +1,183 @@
+"""The sandbox proxy: E2B's SDK sends every envd request to one URL and names the sandbox
+in the ``E2b-Sandbox-Id`` header; this forwards it to that capsule's envd, streaming the
+body both ways (commands, terminals and watches are long-lived streams).
+
+A sandbox that is unknown or not running is a 502 whose message says it "was not found"
+(what E2B's proxy answers, and what the SDK turns into its not-running error); a port other
+than envd's is a 502 saying the "port is not open". The access token is envd's to check:
+it travels through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from backend.capsules.errors import CapsuleNotFound
+from backend.capsules.manager import ENVD_PORT
+from backend.capsules.models import State
+
+from .capsules import Capsules
+
+log = logging.getLogger("wrenn.api.proxy")
+
+SANDBOX_ID_HEADER = "e2b-sandbox-id"
+SANDBOX_PORT_HEADER = "e2b-sandbox-port"
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+TOUCH_INTERVAL_S = 5.0
+
+
+def not_found(sandbox_id: str) -> JSONResponse:
+    return JSONResponse(
+        {
+            "code": 502,
+            "message": f"The sandbox {sandbox_id} was not found",
+            "sandboxId": sandbox_id,
+        },
+        status_code=502,
+    )
+
+
+def port_closed(sandbox_id: str, port: str) -> JSONResponse:
+    return JSONResponse(
+        {
+            "code": 502,
+            "message": f"The sandbox {sandbox_id} is running but port is not open ({port})",
+            "sandboxId": sandbox_id,
+            "port": port,
+        },
+        status_code=502,
+    )
+
+
+async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # envd stores upload bodies as they come; E2B's envd undoes Content-Encoding first.
+    decompressor = zlib.decompressobj(wbits=31)
+    async for chunk in chunks:
+        data = decompressor.decompress(chunk)
+        if data:
+            yield data
+    tail = decompressor.flush()
+    if tail:
+        yield tail
+
+
+class SandboxProxy:
+    def __init__(self, capsules: Capsules) -> None:
+        self.capsules = capsules
+        self.client = httpx.AsyncClient(
+            # Streams (a running command, a terminal) last as long as the client wants.
+            timeout=httpx.Timeout(connect=10.0, read=None, write=None, pool=None),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            # Capsules are on loopback: a proxy from the environment must never be used.
+            trust_env=False,
+            follow_redirects=False,
+        )
+        self._touched: dict[str, float] = {}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _touch(self, capsule_id: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(capsule_id, 0.0) >= TOUCH_INTERVAL_S:
+            self._touched[capsule_id] = now
+            self.capsules.touch(capsule_id)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response = await self.forward(request)
+        await response(scope, receive, send)
+
+    async def forward(self, request: Request) -> Response:
+        sandbox_id = request.headers.get(SANDBOX_ID_HEADER, "")
+        port = request.headers.get(SANDBOX_PORT_HEADER, str(ENVD_PORT)).strip()
+        try:
+            capsule = self.capsules.get(sandbox_id)
+        except CapsuleNotFound:
+            return not_found(sandbox_id)
+        if capsule.state != State.RUNNING:
+            return not_found(sandbox_id)
+        if port != str(ENVD_PORT):
+            return port_closed(sandbox_id, port)
+        if capsule.auto_pause_s > 0:
+            # Activity only matters to auto-pause; the record is rewritten only when it does.
+            self._touch(capsule.id)
+
+        headers = [
+            (name, value)
+            for name, value in request.headers.items()
+            if name.lower() not in HOP_BY_HOP
+        ]
+        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+        body: AsyncIterator[bytes] | None = request.stream() if has_body else None
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if body is not None and encoding == "gzip" and request.url.path == "/files":
+            body = _gunzip(body)
+            headers = [
+                (n, v)
+                for n, v in headers
+                if n.lower() not in ("content-encoding", "content-length")
+            ]
+        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        query: bytes = request.scope.get("query_string", b"")
+        # The path as it came (percent-encoding untouched), so envd sees what the SDK sent.
+        url = capsule.envd_url + raw_path.decode("latin-1")
+        if query:
+            url += "?" + query.decode("latin-1")
+        upstream_request = self.client.build_request(
+            request.method, url, headers=headers, content=body
+        )
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except httpx.HTTPError as exc:
+            log.info("envd of %s did not answer: %r", sandbox_id, exc)
+            current = self._current_state(sandbox_id)
+            if current != State.RUNNING:
+                return not_found(sandbox_id)
+            return port_closed(sandbox_id, port)
+        response_headers = {
+            name: value
+            for name, value in upstream.headers.items()
+            if name.lower() not in HOP_BY_HOP
+        }
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as exc:
+                # Mid-stream: the status is sent already; ending the body early is all
+                # that is left to say (the SDK reports the stream as cut off).
+                log.info("stream from %s ended early: %r", sandbox_id, exc)
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(relay(), upstream.status_code, headers=response_headers)
+
+    def _current_state(self, sandbox_id: str) -> State | None:
+        try:
+            return self.capsules.get(sandbox_id).state
+        except CapsuleNotFound:
+            return None

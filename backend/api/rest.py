@@ -1,0 +1,439 @@
+"""The E2B-compatible REST API over capsules (the routes and bodies the E2B SDK uses).
+
+Every error is ``{"code": <HTTP status>, "message": str}``, the shape the SDK parses.
+What an E2B client said at create time (template name, metadata, timeout, auto-pause) is
+kept in the capsule's ``extra["e2b"]``, so it survives restarts and shows in
+``wrenn-tui capsule get``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from backend.capsules.errors import CapsuleError, CapsuleNotFound, IllegalTransition
+from backend.capsules.models import Capsule, State
+
+from .capsules import Capsules
+from .keys import key_matches
+
+log = logging.getLogger("wrenn.api")
+
+ENVD_VERSION = "0.6.4"
+"""What the SDK is told envd is: no SDK feature up to this version is gated off."""
+CLIENT_ID = "wrenn-tui"
+DEFAULT_TIMEOUT_S = 300
+TEMPLATE_ALIASES = {"base": "default"}
+"""E2B's default template name, and ours."""
+NO_END = "2999-12-31T23:59:59Z"
+"""endAt of a capsule no E2B client gave a timeout: it never ends by itself."""
+SETTLE_DEADLINE_S = 120.0
+E2B = "e2b"
+
+SHOWN = {
+    State.PENDING: "running",
+    State.RUNNING: "running",
+    State.RESUMING: "running",
+    State.PAUSING: "paused",
+    State.PAUSED: "paused",
+}
+TRANSITIONAL = {State.PENDING, State.PAUSING, State.RESUMING}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status)
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def e2b_info(capsule: Capsule) -> dict[str, Any]:
+    info = capsule.extra.get(E2B)
+    return dict(info) if isinstance(info, dict) else {}
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    return data
+
+
+def opt_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise HttpError(400, f"{key} must be a non-negative integer")
+    return value
+
+
+def str_map(body: dict[str, Any], key: str) -> dict[str, str]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise HttpError(400, f"{key} must be an object of strings")
+    return dict(value)
+
+
+def rootfs_size_mb(capsule: Capsule) -> int:
+    try:
+        return (Path(capsule.image_dir) / "rootfs.ext4").stat().st_size >> 20
+    except OSError:
+        return 0
+
+
+class Api:
+    def __init__(self, capsules: Capsules, api_key: str) -> None:
+        self.capsules = capsules
+        self.api_key = api_key
+
+    # -- bodies -----------------------------------------------------------------------------
+
+    def sandbox(self, capsule: Capsule) -> dict[str, Any]:
+        info = e2b_info(capsule)
+        return {
+            "templateID": info.get("templateID", capsule.template),
+            "sandboxID": capsule.id,
+            "clientID": CLIENT_ID,
+            "envdVersion": ENVD_VERSION,
+            "envdAccessToken": capsule.access_token,
+            "alias": capsule.template,
+            "domain": None,
+        }
+
+    def listed(self, capsule: Capsule) -> dict[str, Any]:
+        info = e2b_info(capsule)
+        end_at = info.get("endAt")
+        return {
+            "templateID": info.get("templateID", capsule.template),
+            "alias": capsule.template,
+            "sandboxID": capsule.id,
+            "clientID": CLIENT_ID,
+            "startedAt": iso(capsule.started_at or capsule.created_at),
+            "endAt": iso(end_at) if isinstance(end_at, int | float) else NO_END,
+            "cpuCount": capsule.vcpus,
+            "memoryMB": capsule.memory_mib,
+            "diskSizeMB": rootfs_size_mb(capsule),
+            "state": SHOWN[capsule.state],
+            "envdVersion": ENVD_VERSION,
+            "metadata": info.get("metadata", {}),
+        }
+
+    def detail(self, capsule: Capsule) -> dict[str, Any]:
+        return {
+            **self.listed(capsule),
+            "envdAccessToken": capsule.access_token,
+            "domain": None,
+            "allowInternetAccess": capsule.network == "internet",
+        }
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def find(self, capsule_id: str) -> Capsule:
+        try:
+            capsule = self.capsules.get(capsule_id)
+        except CapsuleNotFound:
+            raise HttpError(404, f"sandbox {capsule_id} not found") from None
+        if capsule.state not in SHOWN:
+            raise HttpError(404, f"sandbox {capsule_id} not found: it is {capsule.state}")
+        return capsule
+
+    async def settled(self, capsule_id: str) -> Capsule:
+        """The capsule once no lifecycle operation (e.g. a dashboard pause) is under way."""
+        deadline = time.monotonic() + SETTLE_DEADLINE_S
+        capsule = self.find(capsule_id)
+        while capsule.state in TRANSITIONAL and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            capsule = self.find(capsule_id)
+        return capsule
+
+    async def set_timeout(self, capsule: Capsule, seconds: int, *, extend_only: bool) -> Capsule:
+        info = e2b_info(capsule)
+        end_at = time.time() + seconds
+        current = info.get("endAt")
+        if extend_only and isinstance(current, int | float) and current >= end_at:
+            return capsule
+        info.update(timeout=seconds, endAt=end_at)
+        return await self.capsules.update_extra(capsule.id, E2B, info)
+
+    async def resume(self, capsule: Capsule, timeout: int | None) -> Capsule:
+        try:
+            capsule = await self.capsules.resume(capsule.id)
+        except IllegalTransition:
+            capsule = await self.settled(capsule.id)
+            if capsule.state != State.RUNNING:
+                raise
+        seconds = timeout if timeout is not None else e2b_info(capsule).get("timeout")
+        if isinstance(seconds, int):
+            capsule = await self.set_timeout(capsule, seconds, extend_only=False)
+        return capsule
+
+    # -- routes -----------------------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        body = await json_object(request)
+        template_id = body.get("templateID")
+        if not isinstance(template_id, str) or not template_id:
+            raise HttpError(400, "templateID is required")
+        template = TEMPLATE_ALIASES.get(template_id, template_id)
+        if not self.capsules.has_template(template):
+            raise HttpError(404, f"template {template_id!r} not found (`wrenn-tui image list`)")
+        timeout = opt_int(body, "timeout")
+        metadata = str_map(body, "metadata")
+        env_vars = str_map(body, "envVars")
+        internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
+        capsule = await self.capsules.create(
+            template=template, network="internet" if internet is True else "none"
+        )
+        try:
+            if env_vars:
+                await self.capsules.set_env(capsule, env_vars)
+            seconds = DEFAULT_TIMEOUT_S if timeout is None else timeout
+            info = {
+                "templateID": template_id,
+                "metadata": metadata,
+                "timeout": seconds,
+                "endAt": time.time() + seconds,
+                "autoPause": body.get("autoPause") is True,
+            }
+            capsule = await self.capsules.update_extra(capsule.id, E2B, info)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.capsules.destroy(capsule.id)
+            raise
+        self.capsules.note(capsule.id, "e2b", f"created by an E2B client ({template_id})")
+        return JSONResponse(self.sandbox(capsule), status_code=201)
+
+    async def connect(self, request: Request) -> Response:
+        body = await json_object(request)
+        timeout = opt_int(body, "timeout")
+        capsule = await self.settled(request.path_params["sandbox_id"])
+        if capsule.state == State.PAUSED:
+            capsule = await self.resume(capsule, timeout)
+            return JSONResponse(self.sandbox(capsule), status_code=201)
+        if capsule.state != State.RUNNING:
+            raise HttpError(409, f"sandbox {capsule.id} is {capsule.state}")
+        if timeout is not None:
+            capsule = await self.set_timeout(capsule, timeout, extend_only=True)
+        return JSONResponse(self.sandbox(capsule), status_code=200)
+
+    async def resume_legacy(self, request: Request) -> Response:
+        body = await json_object(request)
+        capsule = await self.settled(request.path_params["sandbox_id"])
+        if capsule.state == State.RUNNING:
+            raise HttpError(409, f"sandbox {capsule.id} is already running")
+        capsule = await self.resume(capsule, opt_int(body, "timeout"))
+        return JSONResponse(self.sandbox(capsule), status_code=201)
+
+    async def pause(self, request: Request) -> Response:
+        capsule = await self.settled(request.path_params["sandbox_id"])
+        if capsule.state == State.PAUSED:
+            raise HttpError(409, f"sandbox {capsule.id} is already paused")
+        try:
+            await self.capsules.pause(capsule.id)
+        except IllegalTransition as exc:
+            raise HttpError(409, str(exc)) from None
+        return Response(status_code=204)
+
+    async def kill(self, request: Request) -> Response:
+        capsule_id = request.path_params["sandbox_id"]
+        try:
+            self.capsules.get(capsule_id)
+        except CapsuleNotFound:
+            raise HttpError(404, f"sandbox {capsule_id} not found") from None
+        await self.capsules.destroy(capsule_id)
+        return Response(status_code=204)
+
+    async def info(self, request: Request) -> Response:
+        return JSONResponse(self.detail(self.find(request.path_params["sandbox_id"])))
+
+    def _filtered(self, request: Request, states: set[str]) -> list[Capsule]:
+        wanted: dict[str, str] = {}
+        raw_metadata = request.query_params.get("metadata")
+        if raw_metadata:
+            wanted = {unquote(k): unquote(v) for k, v in parse_qsl(raw_metadata)}
+        template = request.query_params.get("template")
+        out = []
+        for capsule in self.capsules.list():
+            if SHOWN.get(capsule.state) not in states:
+                continue
+            info = e2b_info(capsule)
+            metadata = info.get("metadata", {})
+            if any(metadata.get(k) != v for k, v in wanted.items()):
+                continue
+            if template and template not in (info.get("templateID"), capsule.template):
+                continue
+            out.append(capsule)
+        return out
+
+    async def list_v2(self, request: Request) -> Response:
+        raw = ",".join(request.query_params.getlist("state"))
+        states = {s.strip() for s in raw.split(",") if s.strip()} or {"running", "paused"}
+        capsules = self._filtered(request, states)
+        capsules.sort(
+            key=lambda c: c.started_at or c.created_at,
+            reverse=request.query_params.get("order", "desc") != "asc",
+        )
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+            start = int(request.query_params.get("nextToken") or "0")
+        except ValueError:
+            raise HttpError(400, "limit and nextToken must be integers") from None
+        limit = max(1, min(limit, 1000))
+        page = capsules[start : start + limit]
+        headers = {}
+        if start + limit < len(capsules):
+            headers["x-next-token"] = str(start + limit)
+        return JSONResponse([self.listed(c) for c in page], headers=headers)
+
+    async def list_v1(self, request: Request) -> Response:
+        return JSONResponse([self.listed(c) for c in self._filtered(request, {"running"})])
+
+    async def timeout(self, request: Request) -> Response:
+        body = await json_object(request)
+        seconds = opt_int(body, "timeout")
+        if seconds is None:
+            raise HttpError(400, "timeout is required")
+        await self.set_timeout(
+            self.find(request.path_params["sandbox_id"]), seconds, extend_only=False
+        )
+        return Response(status_code=204)
+
+    async def refresh(self, request: Request) -> Response:
+        body = await json_object(request)
+        seconds = opt_int(body, "duration")
+        capsule = self.find(request.path_params["sandbox_id"])
+        await self.set_timeout(
+            capsule, DEFAULT_TIMEOUT_S if seconds is None else seconds, extend_only=True
+        )
+        return Response(status_code=204)
+
+    async def metrics(self, request: Request) -> Response:
+        capsule = self.find(request.path_params["sandbox_id"])
+        if capsule.state != State.RUNNING:
+            return JSONResponse([])
+        sample = await self.capsules.metrics(capsule)
+        if sample is None:
+            return JSONResponse([])
+        ts = float(sample.get("ts") or time.time())
+        return JSONResponse(
+            [
+                {
+                    "timestamp": iso(ts),
+                    "timestampUnix": int(ts),
+                    "cpuCount": int(sample.get("cpu_count") or capsule.vcpus),
+                    "cpuUsedPct": float(sample.get("cpu_used_pct") or 0.0),
+                    "memUsed": int(sample.get("mem_used") or 0),
+                    "memTotal": int(sample.get("mem_total") or 0),
+                    "memCache": int(sample.get("mem_cache") or 0),
+                    "diskUsed": int(sample.get("disk_used") or 0),
+                    "diskTotal": int(sample.get("disk_total") or 0),
+                }
+            ]
+        )
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else None
+        return key_matches(self.api_key, given)
+
+    def guarded(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if not self.authorized(request):
+                return error(401, "Invalid API key: see `wrenn-tui api-key`")
+            try:
+                return await handler(request)
+            except HttpError as exc:
+                return error(exc.status, exc.message)
+            except CapsuleNotFound as exc:
+                return error(404, str(exc))
+            except IllegalTransition as exc:
+                return error(409, str(exc))
+            except CapsuleError as exc:
+                return error(500, str(exc))
+            except Exception as exc:
+                log.exception("%s %s failed", request.method, request.url.path)
+                return error(500, f"internal error: {exc!r}")
+
+        return endpoint
+
+    def routes(self) -> list[Route]:
+        g = self.guarded
+        return [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/sandboxes", g(self.create), methods=["POST"]),
+            Route("/v2/sandboxes", g(self.create), methods=["POST"]),
+            Route("/sandboxes", g(self.list_v1), methods=["GET"]),
+            Route("/v2/sandboxes", g(self.list_v2), methods=["GET"]),
+            Route("/sandboxes/{sandbox_id}", g(self.info), methods=["GET"]),
+            Route("/sandboxes/{sandbox_id}", g(self.kill), methods=["DELETE"]),
+            Route("/sandboxes/{sandbox_id}/pause", g(self.pause), methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/resume", g(self.resume_legacy), methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/connect", g(self.connect), methods=["POST"]),
+            Route("/v2/sandboxes/{sandbox_id}/connect", g(self.connect), methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/timeout", g(self.timeout), methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/refreshes", g(self.refresh), methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/metrics", g(self.metrics), methods=["GET"]),
+        ]
+
+    # -- timeouts ---------------------------------------------------------------------------
+
+    async def expire(self) -> None:
+        """End the running capsules whose E2B timeout has passed: pause them when the client
+        asked for auto-pause, destroy them otherwise (E2B's default)."""
+        now = time.time()
+        for capsule in self.capsules.list():
+            end_at = e2b_info(capsule).get("endAt")
+            if capsule.state != State.RUNNING or not isinstance(end_at, int | float):
+                continue
+            if end_at > now:
+                continue
+            auto_pause = e2b_info(capsule).get("autoPause") is True
+            try:
+                if auto_pause:
+                    self.capsules.note(capsule.id, "e2b", "E2B timeout reached: pausing")
+                    await self.capsules.pause(capsule.id)
+                else:
+                    self.capsules.note(capsule.id, "e2b", "E2B timeout reached: destroying")
+                    await self.capsules.destroy(capsule.id)
+            except CapsuleError as exc:
+                log.warning("ending %s at its timeout failed: %s", capsule.id, exc)

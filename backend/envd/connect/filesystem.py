@@ -1,0 +1,360 @@
+"""``filesystem.Filesystem``: stat, list, mkdir, move, remove and directory watches.
+
+Paths go through envd's PathResolver, so host mode (``--root``) confines them exactly as the
+HTTP files API does; relative paths start at the acting user's home. While envd is root
+acting for another user, that user's permissions are checked and what it creates is its own.
+A symlink is described by its target's type with ``isSymlink`` set, as E2B's envd does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import os
+import pwd
+import re
+import secrets
+import shutil
+import stat
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..paths import PathResolver
+from ..state import RuntimeState
+from ..users import Account, Accounts, can_access
+from .watcher import EVENT_TYPES, REMOVE, RENAME, DirectoryWatch, FsEvent, WatchUnavailable
+from .wire import Call, Json, Msg, Rpc, RpcError, ServerStreamRpc, UnaryRpc, invalid, timestamp
+
+# envd's uploads write `.NAME.upload-XXXXXXXX` (mkstemp) and rename it over NAME: a client
+# watching the directory wants to see NAME appear, not envd's scaffolding.
+UPLOAD_TEMP = re.compile(r"^\..+\.upload-[a-z0-9_]{8}$")
+MAX_WATCHERS = 256
+MAX_PENDING_EVENTS = 10_000
+NEW_DIR_MODE = 0o755
+
+T = TypeVar("T")
+
+
+def os_error(exc: OSError, shown: str) -> RpcError:
+    if isinstance(exc, FileNotFoundError):
+        return RpcError("not_found", f"path {shown!r} does not exist")
+    if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+        return RpcError("permission_denied", f"permission denied for {shown!r}: {exc.strerror}")
+    if isinstance(exc, NotADirectoryError):
+        return invalid(f"a parent of {shown!r} is not a directory")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RpcError("resource_exhausted", f"no space left on device for {shown!r}")
+    return RpcError("internal", f"{shown!r}: {exc.strerror or exc}")
+
+
+def _name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_of(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+class FilesystemService:
+    def __init__(self, resolver: PathResolver, accounts: Accounts, state: RuntimeState) -> None:
+        self.resolver = resolver
+        self.accounts = accounts
+        self.state = state
+        self._watchers: dict[str, _PolledWatcher] = {}
+
+    def rpcs(self) -> dict[str, Rpc]:
+        return {
+            "Stat": UnaryRpc(self.stat),
+            "MakeDir": UnaryRpc(self.make_dir),
+            "Move": UnaryRpc(self.move),
+            "ListDir": UnaryRpc(self.list_dir),
+            "Remove": UnaryRpc(self.remove),
+            "WatchDir": ServerStreamRpc(self.watch_dir, keepalive={"keepalive": {}}),
+            "CreateWatcher": UnaryRpc(self.create_watcher),
+            "GetWatcherEvents": UnaryRpc(self.get_watcher_events),
+            "RemoveWatcher": UnaryRpc(self.remove_watcher),
+        }
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def account(self, call: Call) -> Account:
+        return self.accounts.lookup(call.user, self.state.default_user)
+
+    def locate(self, path: str, account: Account) -> tuple[str, Path]:
+        """The API path and the real path, the last component left unresolved (lstat-able)."""
+        virtual = self.resolver.virtual(path, account.home)
+        if virtual == "/":
+            return virtual, self.resolver.real_of_virtual("/", path)
+        parent, _, name = virtual.rpartition("/")
+        return virtual, self.resolver.real_of_virtual(parent or "/", path) / name
+
+    def _require(self, account: Account, real: Path, want: int, shown: str) -> None:
+        if not self.accounts.enforce_permissions(account):
+            return
+        try:
+            st = real.stat()
+        except OSError:
+            return
+        if not can_access(st, account, want):
+            raise RpcError("permission_denied", f"{account.name} may not access {shown!r}")
+
+    def entry(self, virtual: str, real: Path) -> Json:
+        st = os.lstat(real)
+        info: Json = {"name": virtual.rpartition("/")[2] or "/", "path": virtual}
+        shown = st
+        if stat.S_ISLNK(st.st_mode):
+            info["isSymlink"] = True
+            target = os.path.realpath(real)
+            info["symlinkTarget"] = self.resolver.to_virtual(Path(target))
+            try:
+                shown = os.stat(real)
+            except OSError:
+                info["type"] = "FILE_TYPE_SYMLINK"
+        if "type" not in info:
+            if stat.S_ISDIR(shown.st_mode):
+                info["type"] = "FILE_TYPE_DIRECTORY"
+            elif stat.S_ISREG(shown.st_mode):
+                info["type"] = "FILE_TYPE_FILE"
+            else:
+                info["type"] = "FILE_TYPE_UNSPECIFIED"
+        info.update(
+            size=str(shown.st_size),
+            mode=stat.S_IMODE(shown.st_mode),
+            permissions=stat.filemode(shown.st_mode),
+            owner=_name_of(shown.st_uid),
+            group=_group_of(shown.st_gid),
+            modifiedTime=timestamp(shown.st_mtime_ns),
+        )
+        return info
+
+    async def _run(self, fn: Callable[[], T], shown: str) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except OSError as exc:
+            raise os_error(exc, shown) from None
+
+    def _make_dirs(self, real: Path, account: Account, shown: str) -> bool:
+        """Create ``real`` and missing parents; False when it already was a directory."""
+        missing: list[Path] = []
+        probe = real
+        while True:
+            try:
+                st = probe.stat()
+            except FileNotFoundError:
+                missing.append(probe)
+                probe = probe.parent
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                if probe == real:
+                    raise invalid(f"{shown!r} exists and is not a directory")
+                raise invalid(f"a parent of {shown!r} is not a directory")
+            break
+        if not missing:
+            return False
+        if self.accounts.enforce_permissions(account) and not can_access(
+            probe.stat(), account, os.W_OK | os.X_OK
+        ):
+            raise RpcError("permission_denied", f"{account.name} may not create {shown!r}")
+        chown = self.accounts.can_switch and account.uid != os.geteuid()
+        for directory in reversed(missing):
+            try:
+                directory.mkdir(mode=NEW_DIR_MODE)
+            except FileExistsError:
+                continue
+            if chown:
+                os.chown(directory, account.uid, account.gid)
+        return True
+
+    # -- unary ------------------------------------------------------------------------------
+
+    async def stat(self, request: Msg, call: Call) -> Json:
+        account = self.account(call)
+        virtual, real = self.locate(request.text("path"), account)
+        return {"entry": await self._run(lambda: self.entry(virtual, real), virtual)}
+
+    async def make_dir(self, request: Msg, call: Call) -> Json:
+        account = self.account(call)
+        virtual, real = self.locate(request.text("path"), account)
+
+        def make() -> Json:
+            if not self._make_dirs(real, account, virtual):
+                raise RpcError("already_exists", f"directory {virtual!r} already exists")
+            return self.entry(virtual, real)
+
+        return {"entry": await self._run(make, virtual)}
+
+    async def move(self, request: Msg, call: Call) -> Json:
+        account = self.account(call)
+        source, real_source = self.locate(request.text("source"), account)
+        destination, real_destination = self.locate(request.text("destination"), account)
+
+        def move() -> Json:
+            os.lstat(real_source)
+            self._require(account, real_source.parent, os.W_OK | os.X_OK, source)
+            self._make_dirs(real_destination.parent, account, destination)
+            self._require(account, real_destination.parent, os.W_OK | os.X_OK, destination)
+            try:
+                os.rename(real_source, real_destination)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.move(real_source, real_destination)
+            return self.entry(destination, real_destination)
+
+        return {"entry": await self._run(move, source)}
+
+    async def list_dir(self, request: Msg, call: Call) -> Json:
+        account = self.account(call)
+        path = request.text("path")
+        depth = max(1, request.uint("depth"))
+        virtual = self.resolver.virtual(path, account.home)
+        top = self.resolver.to_real(path, account.home)
+
+        def walk() -> list[Json]:
+            if not top.is_dir():
+                os.stat(top)
+                raise invalid(f"{virtual!r} is not a directory")
+            self._require(account, top, os.R_OK | os.X_OK, virtual)
+            entries: list[Json] = []
+            pending: deque[tuple[Path, str, int]] = deque([(top, virtual, 1)])
+            while pending:
+                real_dir, virtual_dir, level = pending.popleft()
+                try:
+                    children = sorted(os.scandir(real_dir), key=lambda e: e.name)
+                except OSError:
+                    if real_dir == top:
+                        raise
+                    continue
+                for child in children:
+                    child_virtual = f"{virtual_dir.rstrip('/')}/{child.name}"
+                    try:
+                        entries.append(self.entry(child_virtual, Path(child.path)))
+                    except FileNotFoundError:
+                        continue
+                    if level < depth and child.is_dir(follow_symlinks=False):
+                        pending.append((Path(child.path), child_virtual, level + 1))
+            return entries
+
+        return {"entries": await self._run(walk, virtual)}
+
+    async def remove(self, request: Msg, call: Call) -> Json:
+        account = self.account(call)
+        virtual, real = self.locate(request.text("path"), account)
+        if real == self.resolver.real_of_virtual("/"):
+            raise invalid("refusing to remove the root directory")
+
+        def remove() -> None:
+            st = os.lstat(real)
+            self._require(account, real.parent, os.W_OK | os.X_OK, virtual)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(real)
+            else:
+                real.unlink()
+
+        await self._run(remove, virtual)
+        return {}
+
+    # -- watches ----------------------------------------------------------------------------
+
+    def _watch(
+        self,
+        request: Msg,
+        call: Call,
+        sink: Callable[[Json], None],
+        on_end: Callable[[], None],
+    ) -> DirectoryWatch:
+        account = self.account(call)
+        virtual = self.resolver.virtual(request.text("path"), account.home)
+        root = self.resolver.to_real(request.text("path"), account.home)
+        if not root.exists():
+            raise RpcError("not_found", f"path {virtual!r} does not exist")
+        if not root.is_dir():
+            raise invalid(f"{virtual!r} is not a directory")
+        self._require(account, root, os.R_OK | os.X_OK, virtual)
+        include_entry = bool(request.opt_bool("include_entry"))
+
+        def on_event(event: FsEvent) -> None:
+            if UPLOAD_TEMP.match(event.name.rpartition("/")[2]):
+                return
+            message: Json = {"name": event.name, "type": EVENT_TYPES[event.kind]}
+            if include_entry and event.kind not in (REMOVE, RENAME):
+                child = f"{virtual.rstrip('/')}/{event.name}"
+                with contextlib.suppress(OSError):
+                    message["entry"] = self.entry(child, event.real)
+            sink(message)
+
+        try:
+            return DirectoryWatch(root, bool(request.opt_bool("recursive")), on_event, on_end)
+        except WatchUnavailable as exc:
+            raise RpcError("unimplemented", str(exc)) from None
+        except OSError as exc:
+            raise os_error(exc, virtual) from None
+
+    async def watch_dir(self, request: Msg, call: Call) -> AsyncGenerator[Json, None]:
+        queue: asyncio.Queue[Json | None] = asyncio.Queue()
+
+        def sink(message: Json) -> None:
+            if queue.qsize() < MAX_PENDING_EVENTS:
+                queue.put_nowait({"filesystem": message})
+
+        watch = self._watch(request, call, sink, lambda: queue.put_nowait(None))
+        try:
+            yield {"start": {}}
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            watch.close()
+
+    async def create_watcher(self, request: Msg, call: Call) -> Json:
+        if len(self._watchers) >= MAX_WATCHERS:
+            raise RpcError("resource_exhausted", f"at most {MAX_WATCHERS} watchers at once")
+        watcher = _PolledWatcher()
+        watcher.watch = self._watch(request, call, watcher.add, watcher.end)
+        watcher_id = secrets.token_hex(8)
+        self._watchers[watcher_id] = watcher
+        return {"watcherId": watcher_id}
+
+    def _watcher(self, request: Msg) -> tuple[str, _PolledWatcher]:
+        watcher_id = request.text("watcher_id")
+        watcher = self._watchers.get(watcher_id)
+        if watcher is None:
+            raise RpcError("not_found", f"watcher {watcher_id!r} not found")
+        return watcher_id, watcher
+
+    async def get_watcher_events(self, request: Msg, call: Call) -> Json:
+        _, watcher = self._watcher(request)
+        events = list(watcher.events)
+        watcher.events.clear()
+        return {"events": events}
+
+    async def remove_watcher(self, request: Msg, call: Call) -> Json:
+        watcher_id, watcher = self._watcher(request)
+        del self._watchers[watcher_id]
+        if watcher.watch is not None:
+            watcher.watch.close()
+        return {}
+
+
+class _PolledWatcher:
+    """Events kept for GetWatcherEvents; the oldest go first when nobody asks for them."""
+
+    def __init__(self) -> None:
+        self.events: deque[Json] = deque(maxlen=MAX_PENDING_EVENTS)
+        self.watch: DirectoryWatch | None = None
+
+    def add(self, message: Json) -> None:
+        self.events.append(message)
+
+    def end(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
