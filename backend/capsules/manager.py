@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from backend.capsules.snapshotting import (
     copy_ram,
     fsync_file,
     inflate_balloon,
+    make_overlay,
     prepare_ram_file,
     sha256_file,
 )
@@ -458,7 +458,7 @@ class CapsuleManager:
     async def _cold_start(self, capsule: Capsule, image_dir: Path, runtime: QemuRuntime) -> Capsule:
         run_dir = self.run_dir(capsule.id)
         try:
-            await self._make_overlay(image_dir / "rootfs.ext4", run_dir / "disk.qcow2")
+            await make_overlay(image_dir / "rootfs.ext4", run_dir / "disk.qcow2")
             self._write_metadata(capsule)
             vm = await runtime.create(self.vm_config(capsule))
             self._vms[capsule.id] = vm
@@ -473,26 +473,6 @@ class CapsuleManager:
             self._save(capsule.with_(state=State.ERROR, reason=reason, pid=None))
             raise CapsuleError(reason) from exc
         return capsule
-
-    async def _make_overlay(self, backing: Path, overlay: Path) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            str(backing),
-            str(overlay),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        _, err = await proc.communicate()
-        if proc.returncode != 0:
-            raise CapsuleError(f"qemu-img create failed: {err.decode(errors='replace')}")
-        overlay.chmod(0o600)
 
     # -- pause ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from backend.capsules import sparse
-from backend.capsules.errors import SnapshotCorrupt
+from backend.capsules.errors import CapsuleError, SnapshotCorrupt
 from backend.runtime.base import VMMError
 from backend.runtime.qemu import QemuVM
 
@@ -110,3 +110,15 @@ async def copy_ram(files: SnapshotFiles, ram_file: Path, what: str) -> None:
     )
     if copied.sha256 != files.ram_sha256:
         raise SnapshotCorrupt(f"RAM of {what} is corrupt (checksum mismatch)")
+
+
+async def make_overlay(backing: Path, overlay: Path) -> None:
+    """A private qcow2 overlay over a raw image (the capsule's or the template's disk)."""
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing),
+        str(overlay), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise CapsuleError(f"qemu-img create failed: {err.decode(errors='replace').strip()}")
+    overlay.chmod(0o600)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,20 @@ def _hash_extent(digest: hashlib._Hash, offset: int, length: int) -> None:
     digest.update(offset.to_bytes(8, "little") + length.to_bytes(8, "little"))
 
 
+def _data_chunks(fd: int, size: int, digest: hashlib._Hash) -> Iterator[tuple[int, bytes]]:
+    """Every data chunk of the file with its offset, fed to `digest` as the extent checksum."""
+    for offset, length in data_extents(fd, size):
+        _hash_extent(digest, offset, length)
+        done = 0
+        while done < length:
+            chunk = os.pread(fd, min(CHUNK, length - done), offset + done)
+            if not chunk:
+                break
+            digest.update(chunk)
+            yield offset + done, chunk
+            done += len(chunk)
+
+
 def sparse_copy(src: Path, dst: Path, *, fsync: bool = True, truncate: bool = True) -> CopyResult:
     """Copy `src` to `dst` keeping holes; returns sizes and the extent checksum of `src`.
 
@@ -57,18 +72,9 @@ def sparse_copy(src: Path, dst: Path, *, fsync: bool = True, truncate: bool = Tr
         fd_out = os.open(dst, flags, 0o600)
         try:
             os.ftruncate(fd_out, size)
-            for offset, length in data_extents(fin.fileno(), size):
-                _hash_extent(digest, offset, length)
-                done = 0
-                while done < length:
-                    chunk = os.pread(fin.fileno(), min(CHUNK, length - done), offset + done)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    written = os.pwrite(fd_out, chunk, offset + done)
-                    if written != len(chunk):
-                        raise OSError(errno.ENOSPC, "short write", str(dst))
-                    done += len(chunk)
+            for offset, chunk in _data_chunks(fin.fileno(), size, digest):
+                if os.pwrite(fd_out, chunk, offset) != len(chunk):
+                    raise OSError(errno.ENOSPC, "short write", str(dst))
             if fsync:
                 os.fsync(fd_out)
             allocated = os.fstat(fd_out).st_blocks * 512
@@ -82,15 +88,8 @@ def sparse_checksum(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
-        for offset, length in data_extents(f.fileno(), size):
-            _hash_extent(digest, offset, length)
-            done = 0
-            while done < length:
-                chunk = os.pread(f.fileno(), min(CHUNK, length - done), offset + done)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                done += len(chunk)
+        for _ in _data_chunks(f.fileno(), size, digest):
+            pass
     return digest.hexdigest()
 
 

@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +23,7 @@ from pathlib import Path
 from backend.capsules import sparse
 from backend.capsules.envd_client import EnvdClient, EnvdError
 from backend.capsules.errors import CapsuleError
-from backend.capsules.snapshotting import fsync_file, inflate_balloon, sha256_file
+from backend.capsules.snapshotting import fsync_file, inflate_balloon, make_overlay, sha256_file
 from backend.config import Paths
 from backend.image.manifest import MANIFEST_NAME
 from backend.runtime import network as net
@@ -160,22 +159,7 @@ class TemplateSnapshots:
             if netns is not None:
                 await asyncio.to_thread(net.setup_netns, scope, netns)
             report(f"booting the template ({memory_mib} MiB, {vcpus} vCPU, {accel})")
-            subprocess.run(
-                [
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "raw",
-                    "-b",
-                    str(image_dir / "rootfs.ext4"),
-                    str(config.disk),
-                ],
-                check=True,
-                capture_output=True,
-            )
+            await make_overlay(image_dir / "rootfs.ext4", config.disk)
             vm = await QemuRuntime(accel).create(config)
             envd_url = f"http://{config.forward_host}:{config.host_port}"
             async with EnvdClient(envd_url, timeout=30) as envd:
@@ -220,7 +204,6 @@ class TemplateSnapshots:
             VMMError,
             EnvdError,
             OSError,
-            subprocess.CalledProcessError,
             net.NetworkUnavailable,
         ) as exc:
             raise CapsuleError(f"building the template snapshot {key} failed: {exc}") from exc

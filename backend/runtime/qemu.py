@@ -211,14 +211,7 @@ class QemuVM:
         if self._qmp is None:
             async with self.session():
                 return await self.snapshot_create(device_state)
-        await self.execute(
-            "migrate-set-capabilities",
-            {
-                "capabilities": [
-                    {"capability": "x-ignore-shared", "state": True},
-                ]
-            },
-        )
+        await self.ignore_shared_memory()
         await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
         fd = os.open(device_state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -226,18 +219,33 @@ class QemuVM:
         finally:
             os.close(fd)
         await self.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
-        deadline = time.monotonic() + 60
+        await self.wait_migration("saving device state")
+
+    async def ignore_shared_memory(self) -> None:
+        """Migrate device state only: guest RAM is the shared file, copied by the agent."""
+        await self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+
+    async def wait_migration(self, what: str, timeout: float = 60.0) -> None:
+        """Poll `query-migrate` (either direction) until it completes; raise if it fails, the
+        VMM dies or it takes longer than `timeout`."""
+        deadline = time.monotonic() + timeout
         while True:
             info = await self.execute("query-migrate")
             assert isinstance(info, dict)
             status = info.get("status")
             if status == "completed":
                 return
-            if status in ("failed", "cancelled"):
-                raise VMMError(f"saving device state failed: {info.get('error-desc', status)}")
+            if status in ("failed", "cancelled") or not self.alive():
+                raise VMMError(
+                    f"{what} failed: {info.get('error-desc', status)} {_vmm_log_tail(self.config)}"
+                )
             if time.monotonic() > deadline:
-                await self.execute("migrate_cancel")
-                raise VMMError("saving device state timed out")
+                with contextlib.suppress(VMMError):
+                    await self.execute("migrate_cancel")
+                raise VMMError(f"{what} timed out")
             await asyncio.sleep(0.005)
 
     async def pass_fd(self, fd: int, name: str) -> None:
@@ -414,36 +422,14 @@ class QemuRuntime:
         return vm
 
     async def _incoming(self, vm: QemuVM, device_state: Path) -> None:
-        config = vm.config
-        await vm.execute(
-            "migrate-set-capabilities",
-            {
-                "capabilities": [
-                    {"capability": "x-ignore-shared", "state": True},
-                ]
-            },
-        )
+        await vm.ignore_shared_memory()
         fd = os.open(device_state, os.O_RDONLY)
         try:
             await vm.pass_fd(fd, MIGRATION_FD)
         finally:
             os.close(fd)
         await vm.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
-        deadline = time.monotonic() + 60
-        while True:
-            info = await vm.execute("query-migrate")
-            assert isinstance(info, dict)
-            status = info.get("status")
-            if status == "completed":
-                break
-            if status == "failed" or not vm.alive():
-                raise VMMError(
-                    f"restoring device state failed: {info.get('error-desc', status)} "
-                    f"{_vmm_log_tail(config)}"
-                )
-            if time.monotonic() > deadline:
-                raise VMMError("restoring device state timed out")
-            await asyncio.sleep(0.005)
+        await vm.wait_migration("restoring device state")
         await vm.cont()
 
     async def adopt(self, config: VMConfig, pid: int) -> QemuVM:

@@ -33,3 +33,10 @@ async def destroy_all(paths: Paths) -> None:
                 await asyncio.wait_for(cleaner.destroy(capsule.id), 30)
     finally:
         await cleaner.close()
+
+
+async def sh(manager: CapsuleManager, capsule_id: str, cmd: str) -> str:
+    """Run a shell command in a capsule; it must succeed. Returns its stdout."""
+    result = await manager.exec(capsule_id, cmd)
+    assert result.exit_code == 0, f"{cmd!r} -> {result.exit_code}: {result.stderr}"
+    return result.stdout

@@ -19,14 +19,9 @@ from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.capsules.sparse import sparse_checksum
 from backend.config import Paths
+from tests.integration.conftest import sh
 
 pytestmark = pytest.mark.vm
-
-
-async def sh(manager: CapsuleManager, capsule_id: str, cmd: str) -> str:
-    result = await manager.exec(capsule_id, cmd)
-    assert result.exit_code == 0, f"{cmd!r} -> {result.exit_code}: {result.stderr}"
-    return result.stdout
 
 
 async def test_twenty_pause_resume_cycles_lose_no_write(manager: CapsuleManager) -> None:

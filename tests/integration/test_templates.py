@@ -13,14 +13,9 @@ from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.capsules.templates import snapshot_key
 from backend.config import Paths
+from tests.integration.conftest import sh
 
 pytestmark = pytest.mark.vm
-
-
-async def sh(manager: CapsuleManager, capsule_id: str, cmd: str) -> str:
-    result = await manager.exec(capsule_id, cmd)
-    assert result.exit_code == 0, f"{cmd!r}: {result.stderr}"
-    return result.stdout
 
 
 async def test_clones_of_one_template_have_their_own_identity(manager: CapsuleManager) -> None:
