@@ -168,7 +168,7 @@ class WrennApp(App[None]):
     # -- capsule operations -----------------------------------------------------------------
 
     def request_create(self) -> None:
-        if ImageBuilder(self.paths).status().manifest is None:
+        if ImageBuilder(self.paths).installed() is None:
             self.offer_image_build()
             return
         self.push_screen(CreateScreen(cursor_blink=self.cursor_blink), self._create_requested)

@@ -61,7 +61,7 @@ class ManagerCapsules:
         return self.manager.list_capsules()
 
     def has_template(self, name: str) -> bool:
-        return ImageBuilder(self.manager.paths, name).status().manifest is not None
+        return ImageBuilder(self.manager.paths, name).installed() is not None
 
     async def create(self, *, template: str, network: str) -> Capsule:
         return await self.manager.create(template=template, network=network)

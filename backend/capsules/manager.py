@@ -370,10 +370,11 @@ class CapsuleManager:
                 raise CapsuleError(f"network mode 'internet' is unavailable: {reason}")
             used = {c.net_slot for c in self.store.list_capsules() if c.net_slot is not None}
             slot = net.free_slot(used)
-        status = ImageBuilder(self.paths, template).status()
-        if status.manifest is None:
+        builder = ImageBuilder(self.paths, template)
+        manifest = builder.installed()
+        if manifest is None:
             raise CapsuleError(f"no image {template!r}: run `wrenn-tui image build`")
-        image_dir = status.path.resolve()
+        image_dir = builder.image_dir.resolve()
         runtime = self.runtime(image_dir)
         capsule = Capsule(
             id=new_capsule_id(),
@@ -406,8 +407,7 @@ class CapsuleManager:
             self._event(
                 capsule.id,
                 "create",
-                f"{memory_mib} MiB, {vcpus} vCPU, {template} {status.manifest.version}, "
-                f"{runtime.accel}",
+                f"{memory_mib} MiB, {vcpus} vCPU, {template} {manifest.version}, {runtime.accel}",
             )
             started = time.monotonic()
             warm = None if cold else await self._warm_start(capsule, image_dir, progress)

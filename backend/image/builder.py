@@ -119,6 +119,11 @@ class ImageBuilder:
 
     # -- status -----------------------------------------------------------------------------
 
+    def installed(self) -> ImageManifest | None:
+        """The installed image's manifest, without checking it against the current inputs
+        (which hashes envd's sources): enough to know a capsule can be started."""
+        return load_manifest(self.image_dir)
+
     def status(self) -> ImageStatus:
         manifest = load_manifest(self.image_dir)
         up_to_date = False
