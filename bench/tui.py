@@ -152,6 +152,7 @@ async def measure(
 
         main.update_ms.clear()
         frame_ms.clear()
+        sampler.reset_stats()
         psutil.cpu_percent()
         cpu_started, wall_started = time.process_time(), time.perf_counter()
         lags: list[float] = []

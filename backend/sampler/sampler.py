@@ -23,7 +23,7 @@ from backend.capsules.store import Store
 from backend.runtime.base import BalloonStats
 from backend.sampler import history_codec
 from backend.sampler.clock import FixedRateClock
-from backend.sampler.envd_poll import EnvdPoller, PollError, figures
+from backend.sampler.envd_poll import PollerThread, figures
 from backend.sampler.host_probe import HostProbe
 from backend.sampler.models import SERIES, Sample, SamplerStats, Target, Tick
 from backend.sampler.rings import TieredHistory
@@ -80,7 +80,7 @@ class Sampler:
         self._balloon_timeout = max(request_timeout, balloon_interval)
         self._flush_every = max(1, round(flush_interval / interval))
         self._clock = FixedRateClock(interval, self._tick)
-        self._poller = EnvdPoller(request_timeout)
+        self._poller = PollerThread(request_timeout)
         self._host = HostProbe()
         self._stats = TickStats(interval)
         self._states: dict[str, _CapsuleState] = {}
@@ -97,6 +97,7 @@ class Sampler:
     async def start(self) -> None:
         if self._clock.is_running:
             return
+        self._poller.start()
         self._clock.start()
         self._wall_start = time.time()
 
@@ -297,23 +298,16 @@ class Sampler:
             task.cancel()
         await self._poller.drop(capsule_id)
 
-    async def _fetch(self, target: Target) -> dict[str, Any] | str:
-        try:
-            return await self._poller.fetch(target)
-        except PollError as exc:
-            return str(exc)
-        except Exception as exc:
-            log.exception("polling %s failed unexpectedly", target.capsule_id)
-            return f"internal error: {type(exc).__name__}"
-
     async def _tick(self, k: int) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         ts = self._wall_start + k * self.interval
         requests_before = self._poller.requests
         targets = await self._refresh_targets()
+        fetches = self._poller.fetch_many(targets)
+        # The VMM processes are read while the envds answer.
         host = [self._host.read(t.capsule_id, t.pid) for t in targets]
-        results = await asyncio.gather(*(self._fetch(t) for t in targets))
+        results = await fetches
         samples: dict[str, Sample] = {}
         for target, result, (host_cpu, host_rss) in zip(targets, results, host, strict=True):
             state = self._states.get(target.capsule_id)

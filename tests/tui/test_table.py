@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from rich.text import Text
+from textual.widgets import DataTable
 
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
@@ -153,3 +154,44 @@ async def test_painted_rows_follow_new_figures(manager: CapsuleManager) -> None:
         await pilot.pause()
         assert " 87%" in painted() and "150M/240M" in painted()
         assert " 12%" not in painted()
+
+
+async def test_the_fast_cell_path_paints_what_datatable_would(manager: CapsuleManager) -> None:
+    """CapsuleTable renders its one-line Text cells without Rich's layout machinery; every
+    cell it can take must come out segment for segment as DataTable's own render: plain and
+    styled cells, spans, zebra rows, the cursor row, hover, and the fallback for a cell
+    wider than its column."""
+    frozen = FrozenSampler()
+    running = seed_capsule(manager.store, 0, State.RUNNING)
+    seed_capsule(manager.store, 1, State.PAUSED, generation=2)
+    broken = seed_capsule(manager.store, 2, State.ERROR)
+    manager.store.put(broken.with_(reason="qemu exited: [bold]signal 9[/] " + "x" * 40))
+    frozen.put(sample(running.id, 100, 42.0), {"guest_cpu_pct": [5, 50, 90, 20]})
+    app = RecordingApp(manager=manager, sampler=frozen, accel="tcg", cursor_blink=False)
+    async with app.run_test(size=(200, 30)) as pilot:
+        await pilot.pause()
+        table = app.main_screen.table
+        fast = 0
+        for row_index in range(table.row_count):
+            base = table._get_row_style(row_index, table.rich_style)
+            capsule_id = str(table.ordered_rows[row_index].key.value)
+            for column_index, column in enumerate(table.ordered_columns):
+                width = column.get_render_width(table)
+                value = table.get_cell(capsule_id, column.key)
+                for cursor, hover in ((False, False), (True, False), (False, True)):
+                    expected = DataTable._render_cell(
+                        table, row_index, column_index, base, width, cursor, hover
+                    )
+                    line = table._render_text_line(
+                        value, row_index, column_index, base, width, cursor, hover
+                    )
+                    if line is None:
+                        assert value.cell_len > width - 2 * table.cell_padding
+                        continue
+                    fast += 1
+                    assert [line] == expected, (capsule_id, column.key, cursor, hover)
+                    assert (
+                        table._render_cell(row_index, column_index, base, width, cursor, hover)
+                        == expected
+                    )
+        assert fast >= 3 * 3 * 8  # the fast path took nearly every cell
