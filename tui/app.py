@@ -196,9 +196,12 @@ class WrennApp(App[None]):
 
     @work(exclusive=False, exit_on_error=False, group="lifecycle")
     async def create_capsule(self, request: CreateRequest) -> Capsule | None:
-        self.notify(f"creating a capsule: {request.vcpus} vCPU, {request.memory_mib} MiB")
+        network = "" if request.network == "none" else f", network {request.network}"
+        self.notify(f"creating a capsule: {request.vcpus} vCPU, {request.memory_mib} MiB{network}")
         try:
-            capsule = await self.manager.create(memory_mib=request.memory_mib, vcpus=request.vcpus)
+            capsule = await self.manager.create(
+                memory_mib=request.memory_mib, vcpus=request.vcpus, network=request.network
+            )
         except Exception as exc:
             self.report_failure("creating a capsule", exc)
             return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from textual.widgets import DataTable, Label
+from textual.widgets import DataTable, Label, RadioSet
 
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
@@ -13,7 +13,7 @@ from tests.tui.fakes import FrozenSampler
 from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
 from tui.commands import CapsuleCommands
 from tui.screens.confirm import ConfirmScreen
-from tui.screens.create import CreateScreen
+from tui.screens.create import CreateRequest, CreateScreen
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
 
@@ -152,3 +152,30 @@ async def test_quit_asks_first_while_an_operation_runs(manager: CapsuleManager) 
         await wait_until(pilot, lambda: slow.is_finished)
         await pilot.press("q")
         await wait_until(pilot, lambda: not app.is_running)
+
+
+async def test_create_form_takes_the_network_mode_from_the_keyboard(
+    manager: CapsuleManager,
+) -> None:
+    app = app_for(manager)
+    answers: list[CreateRequest | None] = []
+    async with app.run_test(size=(200, 30)) as pilot:
+        app.push_screen(CreateScreen(cursor_blink=False), answers.append)
+        await pilot.pause()
+        await pilot.press("tab", "tab")  # memory -> vCPUs -> network
+        assert isinstance(app.focused, RadioSet)
+        await pilot.press("down", "enter")  # highlight and choose "internet"
+        await pilot.press("tab", "enter")  # the Create button
+        await pilot.pause()
+    assert answers == [CreateRequest(memory_mib=256, vcpus=1, network="internet")]
+
+
+async def test_create_form_defaults_to_an_isolated_capsule(manager: CapsuleManager) -> None:
+    app = app_for(manager)
+    answers: list[CreateRequest | None] = []
+    async with app.run_test(size=(200, 30)) as pilot:
+        app.push_screen(CreateScreen(cursor_blink=False), answers.append)
+        await pilot.pause()
+        await pilot.press("enter")
+        await pilot.pause()
+    assert answers == [CreateRequest(memory_mib=256, vcpus=1, network="none")]

@@ -1,4 +1,4 @@
-"""The small form behind `n`: memory and vCPUs of a new capsule."""
+"""The small form behind `n`: memory, vCPUs and network mode of a new capsule."""
 
 from __future__ import annotations
 
@@ -10,16 +10,23 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.validation import Integer
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Input, Label, RadioButton, RadioSet
+
+from backend.runtime.network import MODES
 
 MEMORY_RANGE = (64, 65536)
 VCPU_RANGE = (1, 64)
+NETWORK_LABELS = {
+    "none": "isolated: envd only",
+    "internet": "internet: outbound, no host",
+}
 
 
 @dataclass(frozen=True)
 class CreateRequest:
     memory_mib: int
     vcpus: int
+    network: str = "none"
 
 
 class CreateScreen(ModalScreen[CreateRequest | None]):
@@ -46,6 +53,11 @@ class CreateScreen(ModalScreen[CreateRequest | None]):
             yield Input(
                 str(self.vcpus), type="integer", validators=[Integer(*VCPU_RANGE)], id="vcpus"
             )
+            yield Label("Network")
+            with RadioSet(id="network"):
+                for mode in MODES:
+                    label = NETWORK_LABELS.get(mode, mode)
+                    yield RadioButton(label, value=mode == "none", name=mode)
             yield Label("", id="error")
             with Horizontal(id="buttons"):
                 yield Button("Create", variant="primary", id="create")
@@ -69,6 +81,11 @@ class CreateScreen(ModalScreen[CreateRequest | None]):
     def action_cancel(self) -> None:
         self.dismiss(None)
 
+    @property
+    def network(self) -> str:
+        pressed = self.query_one("#network", RadioSet).pressed_button
+        return pressed.name if pressed is not None and pressed.name else "none"
+
     def submit(self) -> None:
         problems = []
         for field_id, name, (low, high) in (
@@ -86,5 +103,6 @@ class CreateScreen(ModalScreen[CreateRequest | None]):
             CreateRequest(
                 memory_mib=int(self.query_one("#memory", Input).value),
                 vcpus=int(self.query_one("#vcpus", Input).value),
+                network=self.network,
             )
         )

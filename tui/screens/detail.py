@@ -148,7 +148,8 @@ class DetailScreen(Screen[None]):
         text.append("  ")
         text.append(capsule.state.value, style=STATE_STYLES[capsule.state])
         text.append(f"  {capsule.template}  {capsule.vcpus} vCPU  {fmt.mib(capsule.memory_mib)}")
-        text.append(f"  {capsule.accel.upper()}  envd :{capsule.host_port}")
+        network = "isolated" if capsule.network == "none" else capsule.network
+        text.append(f"  {capsule.accel.upper()}  network {network}  envd :{capsule.host_port}")
         if capsule.state == State.RUNNING and capsule.started_at is not None:
             text.append(f"  up {fmt.duration(self.wrenn.clock() - capsule.started_at)}")
         if capsule.reason:
