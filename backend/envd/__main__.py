@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import QuietServer
     from .service import Envd
 
-    server = uvicorn.Server(
+    server = QuietServer(
         uvicorn.Config(
             create_app(Envd(config)),
             host=config.host,

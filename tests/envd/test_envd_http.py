@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import signal
 import time
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
@@ -208,3 +210,24 @@ def test_bad_command_line_exits_with_a_usage_error(envd_factory: Callable[..., E
         envd_factory("--metadata", "http://nope")
     with pytest.raises(RuntimeError, match="exited with 2"):
         envd_factory("--reclaim-threshold", "0")
+
+
+def test_sigterm_ends_envd_at_once_and_the_date_header_keeps_time(
+    envd_factory: Callable[..., Envd],
+) -> None:
+    """uvicorn's housekeeping wakes once a second here (not ten times): the Date header must
+    still move on, and a SIGTERM must still end envd without waiting for the next wake-up
+    (three instances, so a lucky phase of the 1 s wake-up cannot pass for a prompt exit)."""
+    instances = [envd_factory(name=f"root-{i}") for i in range(3)]
+    with instances[0].client() as c:
+        first = c.get("/health").headers["date"]
+        time.sleep(2.2)
+        second = c.get("/health").headers["date"]
+    assert parsedate_to_datetime(second) > parsedate_to_datetime(first)
+    for instance in instances:
+        started = time.monotonic()
+        instance.proc.terminate()
+        instance.proc.wait(5)
+        assert time.monotonic() - started < 0.8, instance.log()
+        # uvicorn re-raises the signal it shut down on.
+        assert instance.proc.returncode == -signal.SIGTERM, instance.log()
