@@ -272,8 +272,7 @@ class PtyManager:
                 stdout=slave,
                 stderr=slave,
                 bufsize=0,
-                preexec_fn=_acquire_controlling_tty,
-                **ctx.popen_kwargs(),
+                **ctx.popen_kwargs(preexec=_acquire_controlling_tty),
             )
         except OSError as exc:
             os.close(master)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ class LaunchContext:
     env: dict[str, str]
     switch_user: bool
 
-    def popen_kwargs(self) -> dict[str, Any]:
+    def popen_kwargs(self, preexec: Callable[[], None] | None = None) -> dict[str, Any]:
+        """subprocess.Popen arguments; `preexec` runs in the child after its signal state
+        is cleaned (see clean_signal_state)."""
         kwargs: dict[str, Any] = {
             "env": self.env,
             "cwd": str(self.cwd),
@@ -32,11 +35,49 @@ class LaunchContext:
             "start_new_session": True,
             "close_fds": True,
         }
+        reset = clean_signal_state()
+        if reset is not None and preexec is not None:
+            kwargs["preexec_fn"] = _chain(reset, preexec)
+        elif reset is not None or preexec is not None:
+            kwargs["preexec_fn"] = reset or preexec
         if self.switch_user:
             kwargs["user"] = self.account.uid
             kwargs["group"] = self.account.gid
             kwargs["extra_groups"] = list(self.account.groups)
         return kwargs
+
+
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def clean_signal_state() -> Callable[[], None] | None:
+    """What a child needs to start with default signal handling, or None when it already
+    will. exec resets the signals envd handles, but not the ones it ignores or blocks: under
+    `nohup` (or any launcher that ignores SIGHUP) every shell and command would inherit an
+    ignored SIGHUP, and a hangup could not end them."""
+    ignored = [
+        sig
+        for sig in signal.valid_signals()
+        if sig not in _UNCATCHABLE and signal.getsignal(sig) is signal.SIG_IGN
+    ]
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if not ignored and not blocked:
+        return None
+
+    def reset() -> None:  # runs in the child between fork and exec
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+    return reset
+
+
+def _chain(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        then()
+
+    return both
 
 
 def exit_status(returncode: int) -> tuple[int, str | None]:

@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -283,3 +284,18 @@ def test_children_inherit_no_descriptors_of_envd(client: httpx.Client) -> None:
     code = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
     out = client.post("/exec", json={"argv": [sys.executable, "-c", code]}).json()
     assert out["stdout"] == "[0, 1, 2, 3]\n"
+
+
+def test_children_get_default_signal_handling_even_under_nohup(
+    envd_factory: Callable[..., Envd],
+) -> None:
+    """envd started with SIGHUP ignored (nohup) must not pass that on: a hangup ends a
+    command, and a PTY shell, as it would anywhere else."""
+    instance = envd_factory(prefix=("nohup",))
+    with instance.client() as c:
+        out = c.post("/exec", json={"cmd": "kill -HUP $$; echo survived"}).json()
+        assert out["stdout"] == ""
+        assert (out["exit_code"], out["signal"]) == (129, "SIGHUP")
+        status = c.post("/exec", json={"argv": ["grep", "^SigIgn", "/proc/self/status"]}).json()
+        # Only what a new process may ignore by default (nothing) is left ignored.
+        assert status["stdout"].split() == ["SigIgn:", "0000000000000000"]

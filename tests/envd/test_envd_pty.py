@@ -267,3 +267,17 @@ async def test_the_child_inherits_no_descriptor_but_its_terminal(envd: Envd) -> 
         await pty.expect("exit")
     # 0-2 are the terminal; 3 is listdir's own handle on /proc/self/fd.
     assert "fds [0, 1, 2, 3]" in pty.output
+
+
+async def test_a_hangup_ends_a_shell_even_when_envd_ignores_it(
+    envd_factory: Callable[..., Envd],
+) -> None:
+    """Under nohup envd ignores SIGHUP; its shells must not inherit that (the PTY path adds
+    its own controlling-terminal setup to the same child preparation)."""
+    instance = envd_factory(prefix=("nohup",))
+    async with pty_socket(instance) as pty:
+        await start(pty, cmd="/bin/sh", tag="hup")
+        await pty.send(type="input", data="tty; grep ^SigIgn /proc/$$/status\n")
+        await pty.read_until("/dev/pts/")
+        await pty.send(type="kill", signal="SIGHUP")
+        assert (await pty.expect("exit"))["exit_code"] == 129
