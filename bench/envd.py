@@ -26,7 +26,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +38,15 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import connect
 
+from tests import hostenvd
+from tests.hostenvd import HostEnvd
+
 if importlib.util.find_spec("sniffio") is None:
     # httpcore retries `import sniffio` on every async request, and a failed import scans
     # sys.path each time (~3 ms here). A None entry makes the miss instant; httpcore then
     # assumes asyncio, as it would anyway.
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 
-REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = 100
 PACED_RATE = 200.0
 
@@ -62,56 +63,16 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def running_envd(root: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    """A host envd; yields its process, URL and the seconds it took to answer /health."""
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend.envd",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--root",
-            str(root),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    envd = hostenvd.spawn(root, "--log-level", "warning", cls=HostEnvd, keep_log=False)
     try:
-        deadline = started + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"envd exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("envd did not become healthy in 30 s")
-            time.sleep(0.02)
-        yield proc, url, time.monotonic() - started
+        hostenvd.wait_healthy([envd], timeout=30, poll_s=0.02)
+        yield envd.proc, envd.url, time.monotonic() - started
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        envd.stop()
 
 
 @contextlib.contextmanager

@@ -27,14 +27,12 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,9 @@ import httpx
 import psutil
 
 from backend.sampler import Sampler, StaticSource, Target, Tick
+from tests import hostenvd
+from tests.hostenvd import HostEnvd
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = (10, 120, 500)
 ENVD_RSS_ESTIMATE = 40 << 20
 MEMORY_RESERVE = 2 << 30
@@ -54,48 +53,27 @@ WARMUP_S = 3.0
 SETTLE_S = 5.0
 
 
-@dataclass
-class Envd:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
 def _die_with_parent() -> None:
     """In the child before exec: envds left behind by a killed bench would skew the next run,
     so the kernel sends them SIGTERM when the bench goes (PR_SET_PDEATHSIG)."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class EnvdFleet:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.envds: list[Envd] = []
+        self.envds: list[HostEnvd] = []
+        self._spawned = 0
 
-    def _spawn(self) -> Envd:
-        port = free_port()
-        root = self.workdir / f"root-{port}"
-        root.mkdir()
-        with (self.workdir / f"envd-{port}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "backend.envd", "--host", "127.0.0.1", "--port",
-                 str(port), "--root", str(root), "--log-level", "warning"],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )  # fmt: skip
-        return Envd(proc, port)
+    def _spawn(self) -> HostEnvd:
+        self._spawned += 1
+        root = self.workdir / f"root-{self._spawned}"
+        return hostenvd.spawn(
+            root, "--log-level", "warning", cls=HostEnvd, preexec_fn=_die_with_parent
+        )
 
-    def _healthy(self, batch: list[Envd], deadline_s: float = 60.0) -> list[Envd]:
-        ready: list[Envd] = []
+    def _healthy(self, batch: list[HostEnvd], deadline_s: float = 60.0) -> list[HostEnvd]:
+        ready: list[HostEnvd] = []
         pending = list(batch)
         deadline = time.monotonic() + deadline_s
         with httpx.Client(timeout=1.0) as client:
@@ -117,9 +95,8 @@ class EnvdFleet:
             self._report(envd, f"not healthy within {deadline_s:g} s")
         return ready
 
-    def _report(self, envd: Envd, what: str) -> None:
-        log = (self.workdir / f"envd-{envd.port}.log").read_text(errors="replace")
-        print(f"envd on port {envd.port} {what}:\n{log[-1500:]}", file=sys.stderr)
+    def _report(self, envd: HostEnvd, what: str) -> None:
+        print(f"envd on port {envd.port} {what}:\n{envd.log()[-1500:]}", file=sys.stderr)
 
     def grow_to(self, n: int) -> str | None:
         """Start envds until there are n; a note when memory (or failures) stopped it."""
@@ -179,7 +156,7 @@ def fleet() -> Iterator[EnvdFleet]:
             envds.stop()
 
 
-async def measure(envds: list[Envd], seconds: float) -> dict[str, Any]:
+async def measure(envds: list[HostEnvd], seconds: float) -> dict[str, Any]:
     targets = [Target(f"cl-bench{i:04d}", e.url, None, e.proc.pid) for i, e in enumerate(envds)]
     sampler = Sampler(StaticSource(targets))
     errors: Counter[str] = Counter()

@@ -24,16 +24,13 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from rich.console import RenderableType
 from textual.screen import Screen
@@ -42,10 +39,10 @@ from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import Capsule, State
 from backend.config import Paths, default_paths
 from backend.sampler import ManagerSource, Sampler
+from tests import hostenvd
 from tui.app import WrennApp
 from tui.widgets.sparkline import BLOCKS
 
-REPO = Path(__file__).resolve().parent.parent
 SIZE = (200, 60)
 
 
@@ -56,39 +53,10 @@ def scratch_paths(root: Path) -> Paths:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_envds(count: int, root: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
     """All at once (an envd takes ~1 s to import), then wait for every /health."""
-    procs = []
-    for index in range(count):
-        envd_root = root / f"envd-{index}"
-        envd_root.mkdir(parents=True)
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backend.envd", "--host", "127.0.0.1", "--port", str(port),
-             "--root", str(envd_root)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        procs.append((proc, port))
-    waiting = {port for _, port in procs}
-    deadline = time.monotonic() + 180
-    with httpx.Client(timeout=1) as client:
-        while waiting:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(waiting)} envd processes did not start")
-            for port in list(waiting):
-                try:
-                    if client.get(f"http://127.0.0.1:{port}/health").is_success:
-                        waiting.discard(port)
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.1)
-    return procs
+    envds = hostenvd.start_many(count, root, timeout=180)
+    return [(envd.proc, envd.port) for envd in envds]
 
 
 async def loop_lag(lags: list[float], interval: float = 0.01) -> None:

@@ -4,13 +4,11 @@ server in a thread (over real capsules, or over host envd processes standing in 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,18 +26,14 @@ from backend.api.capsules import Capsules
 from backend.api.server import ApiServer
 from backend.capsules.errors import CapsuleNotFound, IllegalTransition
 from backend.capsules.models import Capsule, State, new_capsule_id
+from tests import hostenvd
+from tests.hostenvd import HostEnvd
 
 REPO = Path(__file__).resolve().parents[2]
 SDK_VERSION = "2.63.0"
 SDK_VENV = Path(f"/tmp/wrenn-e2b-venv-{SDK_VERSION}")
 SCENARIO = Path(__file__).with_name("sdk_scenario.py")
 READY_MARK = ".wrenn-ready"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the SDK's venv ------------------------------------------------------------------------------
@@ -108,80 +102,9 @@ def run_sdk(
 # -- envd on the host ---------------------------------------------------------------------------
 
 
-@dataclass
-class HostEnvd:
-    proc: subprocess.Popen[bytes]
-    port: int
-    root: Path
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 def start_host_envd(root: Path, *args: str) -> HostEnvd:
     """envd (host mode) with the Connect façade, as tests/e2b/envd_entry.py mounts it."""
-    for _ in range(3):
-        try:
-            return _start_host_envd(root, *args)
-        except PortTaken:
-            continue
-    raise RuntimeError("envd found no free port three times in a row")
-
-
-class PortTaken(Exception):
-    pass
-
-
-def _start_host_envd(root: Path, *args: str) -> HostEnvd:
-    port = free_port()
-    root.mkdir(parents=True, exist_ok=True)
-    log_path = root.parent / f"envd-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.e2b.envd_entry",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--root",
-                str(root),
-                *args,
-            ],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    envd = HostEnvd(proc, port, root, log_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            # free_port() only finds a port free: anything may take it before envd binds.
-            if "address already in use" in envd.log():
-                raise PortTaken(port)
-            raise RuntimeError(f"envd exited with {proc.returncode}:\n{envd.log()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{envd.url}/health", timeout=1).status_code == 200:
-                return envd
-        time.sleep(0.05)
-    envd.stop()
-    raise RuntimeError(f"envd did not become healthy:\n{envd.log()}")
+    return hostenvd.start(root, *args, cls=HostEnvd, module="tests.e2b.envd_entry")
 
 
 @pytest.fixture

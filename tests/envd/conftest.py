@@ -6,9 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,26 +17,12 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests import hostenvd
+from tests.hostenvd import HostEnvd
 
 
 @dataclass
-class Envd:
-    proc: subprocess.Popen[bytes]
-    port: int
-    root: Path
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
+class Envd(HostEnvd):
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/pty"
@@ -52,61 +35,12 @@ class Envd:
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=15, **kwargs)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> bool:
-        """SIGTERM; False when envd had to be killed because it did not exit in time."""
-        if self.proc.poll() is not None:
-            return True
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            return False
-        return True
-
 
 def start_envd(
     root: Path, *args: str, prefix: tuple[str, ...] = (), guest_mode: bool = False
 ) -> Envd:
     """``guest_mode`` leaves out ``--root``: paths are the host's, as in a capsule."""
-    port = free_port()
-    log_path = root.parent / f"envd-{port}.log"
-    root_args = [] if guest_mode else ["--root", str(root)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                *prefix,
-                sys.executable,
-                "-m",
-                "backend.envd",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *root_args,
-                *args,
-            ],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    envd = Envd(proc, port, root, log_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"envd exited with {proc.returncode}:\n{envd.log()}")
-        try:
-            if httpx.get(f"{envd.url}/health", timeout=1).status_code == 200:
-                return envd
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    envd.stop()
-    raise RuntimeError(f"envd did not become healthy:\n{envd.log()}")
+    return hostenvd.start(root, *args, cls=Envd, prefix=prefix, host_mode=not guest_mode)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from backend.capsules.store import Store
 from backend.config import Paths
 from backend.runtime.base import BalloonStats
 from backend.sampler import ManagerSource, Sampler, Target, Tick
-from tests.sampler.conftest import HostEnvd, free_port
+from tests.hostenvd import free_port
+from tests.sampler.conftest import HostEnvd
 from tests.sampler.helpers import FakeSource, put_capsule
 
 

@@ -7,68 +7,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from textual.app import App, ComposeResult
 
+from tests import hostenvd
+from tests.hostenvd import HostEnvd, free_port
 from tui.terminal import TerminalPane
 
-REPO = Path(__file__).resolve().parents[2]
 SHELL = {"cmd": "/bin/bash", "args": ["--norc", "--noprofile"], "env": {"PS1": "wrenn$ "}}
 _ids = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
 def envd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("envd-terminal") / "root"
-    root.mkdir()
-    port = free_port()
-    log_path = root.parent / "envd.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "backend.envd"),
-                *("--host", "127.0.0.1", "--port", str(port), "--root", str(root)),
-            ],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    envd = hostenvd.start(root, cls=HostEnvd)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"envd exited:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"envd did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.05)
-        yield url
+        yield envd.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+        envd.stop()
+    assert "Traceback" not in envd.log(), envd.log()
 
 
 def new_capsule_id() -> str:

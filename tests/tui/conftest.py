@@ -12,8 +12,9 @@ from backend.capsules.manager import CapsuleManager
 from backend.config import Paths, default_paths
 from backend.image.builder import ImageBuilder
 from backend.sampler import ManagerSource, Sampler
+from tests import hostenvd
 from tests.conftest import scratch_paths
-from tests.tui.helpers import HostEnvd, start_envds
+from tests.hostenvd import HostEnvd
 
 ENVD_COUNT = 3
 
@@ -36,12 +37,11 @@ def tui_paths(short_tmp: Path, image_present: None) -> Paths:
 @pytest.fixture(scope="session")
 def envd_pool() -> Iterator[list[HostEnvd]]:
     with tempfile.TemporaryDirectory(prefix="wt-envd-") as tmp:
-        envds = start_envds(ENVD_COUNT, Path(tmp))
+        envds = hostenvd.start_many(ENVD_COUNT, Path(tmp))
         try:
             yield envds
         finally:
-            for envd in envds:
-                envd.stop()
+            hostenvd.stop_all(envds)
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from backend.capsules.store import Store
 from backend.config import Paths
 from backend.sampler import Sampler
 from tests.conftest import scratch_paths
+from tests.hostenvd import HostEnvd
 from tests.tui.fakes import FrozenSampler
-from tests.tui.helpers import HostEnvd, RecordingApp, seed_capsule, wait_until
+from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
 from tui.screens.build_image import BuildImageScreen
 from tui.screens.create import CreateScreen
 from tui.screens.main import MainScreen

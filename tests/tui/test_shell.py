@@ -9,9 +9,10 @@ import pytest
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.config import Paths
+from tests.hostenvd import HostEnvd
 from tests.integration.conftest import destroy_all
 from tests.tui.fakes import FrozenSampler
-from tests.tui.helpers import HostEnvd, RecordingApp, seed_capsule, wait_until
+from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
 from tui.terminal import TerminalPane
 from tui.widgets.capsule_table import CapsuleTable
 

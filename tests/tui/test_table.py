@@ -12,8 +12,9 @@ from backend.capsules.models import State
 from backend.capsules.store import Store
 from backend.config import Paths
 from backend.sampler import Sampler
+from tests.hostenvd import HostEnvd
 from tests.tui.fakes import FrozenSampler, sample
-from tests.tui.helpers import HostEnvd, RecordingApp, seed_capsule, wait_until
+from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
 from tui import format as fmt
 from tui.widgets.sparkline import BLOCKS
 from tui.widgets.status_bar import StatusBar
