@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import sys
 import threading
 import time
@@ -297,5 +298,9 @@ def test_children_get_default_signal_handling_even_under_nohup(
         assert out["stdout"] == ""
         assert (out["exit_code"], out["signal"]) == (129, "SIGHUP")
         status = c.post("/exec", json={"argv": ["grep", "^SigIgn", "/proc/self/status"]}).json()
-        # Only what a new process may ignore by default (nothing) is left ignored.
-        assert status["stdout"].split() == ["SigIgn:", "0000000000000000"]
+        ignored = int(status["stdout"].split()[1], 16)
+        # Nothing a program can handle is left ignored. glibc reserves signals 32 and 33 for
+        # itself (no process can set them, and its threads install their own handlers), so a
+        # launcher that ignored them passes that on unchanged.
+        settable = sum(1 << (sig - 1) for sig in signal.valid_signals())
+        assert ignored & settable == 0, f"{ignored:#x}"
