@@ -3,17 +3,19 @@
     python -m bench.tui [--capsules 120] [--ticks 40] [--presses 120]
 
 Each capsule row is backed by a real envd process on the host (host mode), polled by the real
-sampler once a second, so the event loop carries the sampler's requests while it draws. The app
-runs headless at 200x60.
+sampler once a second (its requests on the sampler's own thread, its ticks on the app's loop).
+The app runs headless at 200x60.
 
 update_*: time the table's tick handler takes (re-read the capsules, gather the figures, update
 the cells and sparklines, re-sort, status line), from the screen's own instrumentation.
 keypress_*: from sending `j`/`k` until the compositor has painted a frame showing the moved
 cursor, with the presses spread over the tick phase. frame_*: the compositor's time to draw one
 frame (a tick's frame redraws every visible row, a keypress's only two). loop_lag_*: how late a
-10 ms timer fires in the same event loop (the sampler's 120 requests a second share it), and
-host_load_1m / host_cpu_busy_pct / dashboard_process_cores (the app and its sampler) say how
-much of a keypress is spent waiting for its turn. Prints one JSON object.
+10 ms timer fires in the same event loop, and host_load_1m / host_cpu_busy_pct /
+dashboard_process_cores (the app and its sampler) say how much of a keypress is spent waiting
+for its turn. pty_5mb_s / table_updates_during_pty (of table_updates_expected): `s` opens the
+selected capsule's shell pane under the table and 5 MB of base64 goes through it while the
+table keeps updating. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import Capsule, State
 from backend.config import Paths, default_paths
 from backend.sampler import ManagerSource, Sampler
+from bench.pty_tui import FLOOD, MARKER, painted, until
 from tests import hostenvd
 from tui.app import WrennApp
+from tui.terminal import TerminalPane
 from tui.widgets.sparkline import BLOCKS
 
 SIZE = (200, 60)
@@ -150,8 +154,9 @@ async def measure(
         host_busy = psutil.cpu_percent()
         own_cpu = (time.process_time() - cpu_started) / (time.perf_counter() - wall_started)
         probe.cancel()
+        stats = sampler.stats  # before the flood, which holds the loop the ticks finish on
+        pty = await pty_flood(pilot, main)
     Screen._compositor_refresh = compose_frame  # type: ignore[method-assign]
-    stats = sampler.stats
     return {
         "n": count,
         "update_p50_ms": round(statistics.median(updates), 2),
@@ -170,7 +175,40 @@ async def measure(
         "dashboard_process_cores": round(own_cpu, 2),
         "host_cpu_busy_pct": host_busy,
         "sampler_missed_ticks": stats.missed_ticks,
+        **pty,
         "size": list(SIZE),
+    }
+
+
+async def pty_flood(pilot: Any, main: Any) -> dict[str, Any]:
+    """`s` on the selected capsule opens its shell pane below the table (a real PTY in that
+    capsule's envd); then 5 MB of base64 goes through it while the table keeps its 1 s
+    updates. pty_5mb_s: from sending the command until the pane paints the end marker;
+    table_updates_during_pty against the flood's whole seconds."""
+    await pilot.press("s")
+    await until(lambda: bool(main.query(TerminalPane)), 10, "the shell pane")
+    pane = main.query_one(TerminalPane)
+    await until(lambda: painted(pane).strip() != "", 20, "the shell prompt")
+    await asyncio.sleep(1.0)
+    updated: list[float] = []
+    refresh = main._refresh_rows
+
+    def counted() -> None:
+        refresh()
+        updated.append(time.monotonic())
+
+    main._refresh_rows = counted
+    try:
+        started = time.monotonic()
+        await pane.send(FLOOD + "\r")
+        await until(lambda: MARKER in painted(pane), 300, "the flood's end", poll=0.01)
+        flood_s = time.monotonic() - started
+    finally:
+        main._refresh_rows = refresh
+    return {
+        "pty_5mb_s": round(flood_s, 3),
+        "table_updates_during_pty": sum(1 for ts in updated if ts >= started),
+        "table_updates_expected": int(flood_s),
     }
 
 
