@@ -73,11 +73,14 @@ def spawn(
     host_mode: bool = True,
     keep_log: bool = True,
     preexec_fn: Callable[[], None] | None = None,
+    avoid: set[int] | frozenset[int] = frozenset(),
 ) -> E:
     """Start one envd on a free loopback port, serving `root` as / in host mode (without
     `host_mode` the paths are the host's, as in a capsule); its output goes to a log beside
-    `root` unless `keep_log` is off."""
+    `root` unless `keep_log` is off; `avoid`: ports handed to envds not yet listening."""
     port = free_port()
+    while port in avoid:
+        port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     log_path = root.parent / f"envd-{port}.log" if keep_log else None
     argv = [*prefix, sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
@@ -143,16 +146,31 @@ def start(root: Path, *args: str, cls: type[E], timeout: float = 20.0, **options
 
 def start_many(count: int, parent: Path, *args: str, timeout: float = 60.0) -> list[HostEnvd]:
     """`count` envds started at once (each imports for ~1 s), roots parent/envd-<i>; all are
-    stopped again if any fails to come up."""
+    stopped again if any fails to come up. Ports are picked distinct, and one taken by
+    something else before its envd bound it is replaced by a fresh envd on another."""
     started: list[HostEnvd] = []
+    used: set[int] = set()
+
+    def launch(index: int) -> HostEnvd:
+        envd = spawn(parent / f"envd-{index}", *args, cls=HostEnvd, avoid=used)
+        used.add(envd.port)
+        return envd
+
     try:
         for index in range(count):
-            started.append(spawn(parent / f"envd-{index}", *args, cls=HostEnvd))
-        wait_healthy(started, timeout)
+            started.append(launch(index))
+        for _ in range(PORT_RETRIES * count):
+            try:
+                wait_healthy(started, timeout)
+                return started
+            except PortTaken as taken:
+                index = next(i for i, e in enumerate(started) if e.port == taken.args[0])
+                started[index].stop()
+                started[index] = launch(index)
+        raise RuntimeError("envds kept losing their ports to other processes")
     except BaseException:
         stop_all(started)
         raise
-    return started
 
 
 def stop_all(envds: Sequence[HostEnvd]) -> list[HostEnvd]:
