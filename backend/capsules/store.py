@@ -55,6 +55,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         path.chmod(0o600)
+        self._capsules_cache: tuple[tuple[int, int], list[Capsule]] | None = None
+        self._capsule_writes = 0
+        """Writes on this connection that can change the capsules table."""
 
     def close(self) -> None:
         self._db.close()
@@ -62,11 +65,15 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         self._db.execute("BEGIN IMMEDIATE")
+        self._capsule_writes += 1
         try:
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._capsules_cache = None
             raise
+        finally:
+            self._capsule_writes += 1
         self._db.execute("COMMIT")
 
     # -- capsules ---------------------------------------------------------------------------
@@ -86,6 +93,7 @@ class Store:
         return Capsule(**raw)
 
     def put(self, capsule: Capsule) -> None:
+        self._capsule_writes += 1
         self._db.execute(
             "INSERT INTO capsules (id, data, state, updated_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET data=excluded.data, state=excluded.state, "
@@ -98,6 +106,22 @@ class Store:
         return self._decode(row[0]) if row else None
 
     def list_capsules(self) -> list[Capsule]:
+        """Every capsule, oldest first. The dashboard and the sampler each ask once a second;
+        decoding 120 rows costs ~4 ms, so the answer is kept until the capsules may have
+        changed: a put, delete or transaction on this connection (the sampler's metric
+        writes do not count), or a commit by any other connection (a CLI process), which
+        moves PRAGMA data_version. Inside a transaction nothing is kept."""
+        if self._db.in_transaction:
+            return self._read_capsules()
+        version = (self._db.execute("PRAGMA data_version").fetchone()[0], self._capsule_writes)
+        cached = self._capsules_cache
+        if cached is not None and cached[0] == version:
+            return list(cached[1])
+        capsules = self._read_capsules()
+        self._capsules_cache = (version, capsules)
+        return list(capsules)
+
+    def _read_capsules(self) -> list[Capsule]:
         rows = self._db.execute("SELECT data FROM capsules ORDER BY rowid").fetchall()
         return [self._decode(r[0]) for r in rows]
 
