@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,53 @@ def storage_error(exc: OSError, what: str) -> ApiError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return forbidden(f"permission denied writing {what}: {exc.strerror}", "permission_denied")
     return ApiError(500, "write_failed", f"writing {what} failed: {exc.strerror or exc}")
+
+
+class NotADirectory(Exception):
+    """The nearest existing path on the way to a directory to create is not a directory."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self.path = path
+
+
+def missing_dirs(path: Path) -> tuple[Path, list[Path]]:
+    """The nearest existing ancestor of `path` (or `path` itself) and the directories to
+    create below it, outermost first. Raises NotADirectory when that ancestor is not a
+    directory; NotADirectoryError (from stat) when a file stands higher up."""
+    missing: list[Path] = []
+    probe = path
+    while True:
+        try:
+            st = probe.stat()
+        except FileNotFoundError:
+            missing.append(probe)
+            probe = probe.parent
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectory(probe)
+        missing.reverse()
+        return probe, missing
+
+
+def may_create_in(base: Path, account: Account, accounts: Accounts) -> bool:
+    return not accounts.enforce_permissions(account) or can_access(
+        base.stat(), account, os.W_OK | os.X_OK
+    )
+
+
+def make_dirs(dirs: list[Path], account: Account, accounts: Accounts) -> Iterator[Path]:
+    """mkdir each of `dirs` (outermost first), owned by `account` when envd can switch users;
+    yields each one this call created (one made meanwhile by someone else is skipped)."""
+    chown = accounts.can_switch and account.uid != os.geteuid()
+    for directory in dirs:
+        try:
+            directory.mkdir(mode=NEW_DIR_MODE)
+        except FileExistsError:
+            continue
+        if chown:
+            os.chown(directory, account.uid, account.gid)
+        yield directory
 
 
 @dataclass
@@ -319,38 +366,18 @@ class FileService:
         return pending
 
     def _make_parents(self, upload: _Upload, directory: Path, account: Account, shown: str) -> None:
-        missing: list[Path] = []
-        probe = directory
-        while True:
-            try:
-                st = probe.stat()
-            except FileNotFoundError:
-                missing.append(probe)
-                probe = probe.parent
-                continue
-            except NotADirectoryError:
-                raise bad_request(
-                    f"a parent of {shown!r} is not a directory", "not_a_directory"
-                ) from None
-            if not stat.S_ISDIR(st.st_mode):
-                raise bad_request(f"a parent of {shown!r} is not a directory", "not_a_directory")
-            break
-        if (
-            missing
-            and self.accounts.enforce_permissions(account)
-            and not can_access(probe.stat(), account, os.W_OK | os.X_OK)
-        ):
+        try:
+            base, missing = missing_dirs(directory)
+        except (NotADirectory, NotADirectoryError):
+            raise bad_request(
+                f"a parent of {shown!r} is not a directory", "not_a_directory"
+            ) from None
+        if missing and not may_create_in(base, account, self.accounts):
             raise forbidden(f"{account.name} may not create {shown!r}", "permission_denied")
-        for d in reversed(missing):
-            try:
-                d.mkdir(mode=NEW_DIR_MODE)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise storage_error(exc, shown) from None
-            upload.created_dirs.append(d)
-            if self.accounts.can_switch and account.uid != os.geteuid():
-                os.chown(d, account.uid, account.gid)
+        try:
+            upload.created_dirs.extend(make_dirs(missing, account, self.accounts))
+        except OSError as exc:
+            raise storage_error(exc, shown) from None
 
     async def _write(self, pending: _PendingFile, data: bytes) -> None:
         if not data:

@@ -20,7 +20,6 @@ import shlex
 import signal
 import subprocess
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import IO, Any, Literal
@@ -29,7 +28,7 @@ from .buffers import LogReader, OutputLog
 from .errors import ApiError, bad_request, conflict, not_found
 from .fdio import BufferFull, FdReader, FdWriter, wait_exit
 from .paths import PathResolver
-from .spawn import Launcher, exit_status
+from .spawn import ExitedChildren, Launcher, exit_status, kill_group
 from .validation import Fields, check_env, check_tag
 
 log = logging.getLogger("envd.processes")
@@ -373,10 +372,9 @@ class ProcessManager:
         self.launcher = launcher
         self.resolver = resolver
         self.buffer_bytes = buffer_bytes
-        self.keep_exited = keep_exited
         self._by_pid: dict[int, ManagedProcess] = {}
         self._by_tag: dict[str, ManagedProcess] = {}
-        self._exited: deque[ManagedProcess] = deque()
+        self._exited = ExitedChildren(keep_exited, self._forget)
 
     def start(self, spec: CommandSpec, *, stdin: bool = False) -> ManagedProcess:
         if spec.tag is not None:
@@ -421,13 +419,13 @@ class ProcessManager:
         log.info("process %d exited with %s", process.pid, process.exit_code)
         # Subscribers still reading keep their place; the log only stops holding the rest.
         process.log.shrink(RETAINED_AFTER_EXIT)
-        self._exited.append(process)
-        while len(self._exited) > self.keep_exited:
-            old = self._exited.popleft()
-            if self._by_pid.get(old.pid) is old:
-                del self._by_pid[old.pid]
-            if self._by_tag.get(old.tag) is old:
-                del self._by_tag[old.tag]
+        self._exited.add(process)
+
+    def _forget(self, process: ManagedProcess) -> None:
+        if self._by_pid.get(process.pid) is process:
+            del self._by_pid[process.pid]
+        if self._by_tag.get(process.tag) is process:
+            del self._by_tag[process.tag]
 
     def get(self, ref: str) -> ManagedProcess:
         """By pid (all digits) or by tag."""
@@ -527,5 +525,4 @@ class ProcessManager:
     async def shutdown(self) -> None:
         for process in list(self._by_pid.values()):
             if process.alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                kill_group(process.pid)

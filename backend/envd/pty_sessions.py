@@ -10,7 +10,6 @@ output never piles up in envd.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import grp
 import logging
@@ -22,7 +21,6 @@ import struct
 import subprocess
 import termios
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +29,7 @@ from .buffers import LogReader, OutputLog
 from .errors import ApiError, bad_request, conflict, not_found
 from .fdio import BufferFull, FdReader, FdWriter, wait_exit
 from .paths import PathResolver
-from .spawn import Launcher, exit_status
+from .spawn import ExitedChildren, Launcher, exit_status, kill_group
 from .validation import Fields, check_env, check_tag
 
 log = logging.getLogger("envd.pty")
@@ -241,9 +239,8 @@ class PtyManager:
         self.launcher = launcher
         self.resolver = resolver
         self.ring_bytes = ring_bytes
-        self.keep_exited = keep_exited
         self._sessions: dict[str, PtySession] = {}
-        self._exited: deque[PtySession] = deque()
+        self._exited = ExitedChildren(keep_exited, self._forget)
 
     def start(self, request: PtyStartRequest) -> PtySession:
         tag = request.tag or f"pty-{secrets.token_hex(4)}"
@@ -303,16 +300,13 @@ class PtyManager:
     def _forget(self, session: PtySession) -> None:
         if self._sessions.get(session.tag) is session:
             del self._sessions[session.tag]
-        with contextlib.suppress(ValueError):
-            self._exited.remove(session)
+        self._exited.discard(session)
 
     def _retire(self, session: PtySession) -> None:
         log.info("pty session %s exited with %s", session.tag, session.exit_code)
         # Enough of a dead session's output to show how it ended.
         session.log.shrink(RETAINED_AFTER_EXIT)
-        self._exited.append(session)
-        while len(self._exited) > self.keep_exited:
-            self._forget(self._exited[0])
+        self._exited.add(session)
 
     def get(self, tag: str) -> PtySession:
         session = self._sessions.get(tag)
@@ -326,5 +320,4 @@ class PtyManager:
     async def shutdown(self) -> None:
         for session in list(self._sessions.values()):
             if session.alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(session.pid, signal.SIGKILL)
+                kill_group(session.pid)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .errors import bad_request
 from .paths import PathResolver
@@ -78,6 +80,34 @@ def _chain(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], 
         then()
 
     return both
+
+
+C = TypeVar("C")
+
+
+class ExitedChildren(Generic[C]):
+    """The last `keep` children that exited, so their status and output stay readable for a
+    while; the oldest is handed to `forget` as each newer one exits."""
+
+    def __init__(self, keep: int, forget: Callable[[C], None]) -> None:
+        self.keep = keep
+        self._forget = forget
+        self._children: deque[C] = deque()
+
+    def add(self, child: C) -> None:
+        self._children.append(child)
+        while len(self._children) > self.keep:
+            self._forget(self._children.popleft())
+
+    def discard(self, child: C) -> None:
+        with contextlib.suppress(ValueError):
+            self._children.remove(child)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group `pid` leads (envd's children each lead their own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def exit_status(returncode: int) -> tuple[int, str | None]:

@@ -155,32 +155,43 @@ def _uptime_cell(view: CapsuleView, now: float) -> Text:
     return Text(fmt.age(now - capsule.started_at))
 
 
+def _live_cell(spark: Text, guest: str | None, host_label: str, host: str | None) -> Text:
+    """A sparkline, the guest's figure in bold, then the host's beside it."""
+    cell = Text.assemble(spark)
+    if guest is not None:
+        cell.append(guest, style="bold")
+    if host is not None:
+        cell.append(f"  {host_label} ", style="dim")
+        cell.append(host)
+    return cell
+
+
 def _mem_cell(view: CapsuleView, now: float) -> Text:
     sample = view.sample
     total = sample.guest_mem_total if sample and sample.guest_mem_total else None
     ceiling = float(total or view.capsule.memory_mib << 20)
-    cell = Text.assemble(sparkline(view.mem_history, now, SPARK_POINTS, ceiling))
-    if sample is None:
-        return cell
-    if sample.guest_mem_used is not None:
-        cell.append(f" {fmt.size(sample.guest_mem_used)}/{fmt.size(total)}", style="bold")
-    if sample.host_rss is not None:
-        cell.append("  rss ", style="dim")
-        cell.append(fmt.size(sample.host_rss))
-    return cell
+    spark = sparkline(view.mem_history, now, SPARK_POINTS, ceiling)
+    used = sample.guest_mem_used if sample else None
+    rss = sample.host_rss if sample else None
+    return _live_cell(
+        spark,
+        None if used is None else f" {fmt.size(used)}/{fmt.size(total)}",
+        "rss",
+        None if rss is None else fmt.size(rss),
+    )
 
 
 def _cpu_cell(view: CapsuleView, now: float) -> Text:
-    cell = Text.assemble(sparkline(view.cpu_history, now, SPARK_POINTS, 100.0))
     sample = view.sample
-    if sample is None:
-        return cell
-    if sample.guest_cpu_pct is not None:
-        cell.append(f" {fmt.percent(sample.guest_cpu_pct):>4}", style="bold")
-    if sample.host_cpu_pct is not None:
-        cell.append("  host ", style="dim")
-        cell.append(fmt.percent(sample.host_cpu_pct))
-    return cell
+    spark = sparkline(view.cpu_history, now, SPARK_POINTS, 100.0)
+    guest = sample.guest_cpu_pct if sample else None
+    host = sample.host_cpu_pct if sample else None
+    return _live_cell(
+        spark,
+        None if guest is None else f" {fmt.percent(guest):>4}",
+        "host",
+        None if host is None else fmt.percent(host),
+    )
 
 
 def _steady(a: CapsuleView, b: CapsuleView) -> bool:

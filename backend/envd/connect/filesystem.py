@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..files import NotADirectory, make_dirs, may_create_in, missing_dirs
 from ..paths import PathResolver
 from ..state import RuntimeState
 from ..users import Account, Accounts, can_access
@@ -34,7 +35,6 @@ from .wire import Call, Json, Msg, Rpc, RpcError, ServerStreamRpc, UnaryRpc, inv
 UPLOAD_TEMP = re.compile(r"^\..+\.upload-[a-z0-9_]{8}$")
 MAX_WATCHERS = 256
 MAX_PENDING_EVENTS = 10_000
-NEW_DIR_MODE = 0o755
 
 T = TypeVar("T")
 
@@ -145,34 +145,17 @@ class FilesystemService:
 
     def _make_dirs(self, real: Path, account: Account, shown: str) -> bool:
         """Create ``real`` and missing parents; False when it already was a directory."""
-        missing: list[Path] = []
-        probe = real
-        while True:
-            try:
-                st = probe.stat()
-            except FileNotFoundError:
-                missing.append(probe)
-                probe = probe.parent
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                if probe == real:
-                    raise invalid(f"{shown!r} exists and is not a directory")
-                raise invalid(f"a parent of {shown!r} is not a directory")
-            break
+        try:
+            base, missing = missing_dirs(real)
+        except NotADirectory as exc:
+            if exc.path == real:
+                raise invalid(f"{shown!r} exists and is not a directory") from None
+            raise invalid(f"a parent of {shown!r} is not a directory") from None
         if not missing:
             return False
-        if self.accounts.enforce_permissions(account) and not can_access(
-            probe.stat(), account, os.W_OK | os.X_OK
-        ):
+        if not may_create_in(base, account, self.accounts):
             raise RpcError("permission_denied", f"{account.name} may not create {shown!r}")
-        chown = self.accounts.can_switch and account.uid != os.geteuid()
-        for directory in reversed(missing):
-            try:
-                directory.mkdir(mode=NEW_DIR_MODE)
-            except FileExistsError:
-                continue
-            if chown:
-                os.chown(directory, account.uid, account.gid)
+        list(make_dirs(missing, account, self.accounts))
         return True
 
     # -- unary ------------------------------------------------------------------------------
