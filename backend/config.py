@@ -71,6 +71,24 @@ def default_paths() -> Paths:
     )
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a user can change besides the directories, each from one environment variable."""
+
+    accel: str | None
+    """`WRENN_ACCEL=kvm|tcg` skips the accelerator probe; anything else means probe."""
+    debian_mirror: str | None
+    """`WRENN_DEBIAN_MIRROR`: the mirror image builds download from (default: apt's own)."""
+
+
+def settings() -> Settings:
+    accel = os.environ.get("WRENN_ACCEL")
+    return Settings(
+        accel=accel if accel in ("kvm", "tcg") else None,
+        debian_mirror=os.environ.get("WRENN_DEBIAN_MIRROR") or None,
+    )
+
+
 def assets_dir() -> Path:
     """The `assets/` folder: beside the packages in a checkout, inside the wheel otherwise."""
     here = Path(__file__).resolve().parent

@@ -26,7 +26,6 @@ This module is part of the backend: it knows nothing about screens or widgets.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import json
@@ -37,10 +36,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from backend.envd import protocol as wire
 
 log = logging.getLogger("wrenn.pty")
 
@@ -48,8 +49,6 @@ OUTPUT_BACKLOG = 128 * 1024
 """Characters of output received but not yet consumed before reading the socket pauses."""
 INPUT_BACKLOG = 64 * 1024
 """Characters of input kept while disconnected, sent after the reattach."""
-MAX_MESSAGE = 16 * 1024 * 1024
-"""A 128 KiB output batch can grow sixfold when control characters are escaped in JSON."""
 RECEIVE_QUEUE = 2
 """Frames the socket reads ahead. Everything buffered must be drawn before the screen shows
 what followed a ctrl+c, so buffers stay just big enough to keep a flood flowing."""
@@ -127,22 +126,6 @@ class _Transient(Exception):
     """A failure worth retrying: the capsule is paused, resuming, or the network blinked."""
 
 
-def pty_ws_url(envd_url: str) -> str:
-    """``http://host:port`` -> ``ws://host:port/pty`` (https -> wss)."""
-    parts = urlsplit(envd_url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/pty", "", ""))
-
-
-def input_message(data: bytes | str) -> dict[str, str]:
-    if isinstance(data, str):
-        return {"type": "input", "data": data}
-    try:
-        return {"type": "input", "data": data.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"type": "input", "b64": base64.b64encode(data).decode("ascii")}
-
-
 class PtyClient:
     """One terminal session on one capsule's envd, kept attached across dropped connections.
 
@@ -172,7 +155,7 @@ class PtyClient:
         ping_interval: float = 10.0,
     ) -> None:
         self.envd_url = envd_url
-        self.ws_url = pty_ws_url(envd_url)
+        self.ws_url = wire.pty_ws_url(envd_url)
         self.token = token
         self.tag = tag
         self.cmd = cmd
@@ -291,7 +274,7 @@ class PtyClient:
         kept and sent after the reattach (as an ssh connection that stalls would)."""
         if not data:
             return
-        message = input_message(data)
+        message = wire.pty_input(data)
         if await self._send(message):
             return
         size = len(next(iter(message.values())))
@@ -306,19 +289,16 @@ class PtyClient:
             return
         self.cols, self.rows = cols, rows
         if self._session_alive:
-            await self._send({"type": "resize", "cols": cols, "rows": rows})
+            await self._send(wire.pty_resize(cols, rows))
 
     async def kill(self, signal: str | int | None = None) -> None:
         """Signal the session's process group (default SIGKILL); an ``Exited`` event follows."""
-        message: dict[str, Any] = {"type": "kill"}
-        if signal is not None:
-            message["signal"] = signal
-        await self._send(message)
+        await self._send(wire.pty_kill(signal))
 
     async def detach(self) -> None:
         """Stop receiving output and stop reattaching; the session keeps running in envd."""
         self._session_alive = False
-        await self._send({"type": "detach"})
+        await self._send({"type": wire.PTY_DETACH})
 
     async def close(self) -> None:
         """Close the socket (envd only detaches: the shell keeps running) and end
@@ -358,24 +338,17 @@ class PtyClient:
         if not tag:
             raise ValueError("connect needs a tag")
         self.tag = tag
-        return await self._attach({"type": "connect", "tag": tag})
+        return await self._attach(wire.pty_connect(tag))
 
     async def restart(self) -> Attached:
         """Start a new session under the same tag after the previous one exited."""
         return await self.start()
 
     def _start_message(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"type": "start", "cols": self.cols, "rows": self.rows}
-        for key, value in (
-            ("cmd", self.cmd),
-            ("args", self.args),
-            ("env", self.env),
-            ("cwd", self.cwd),
-            ("tag", self.tag),
-        ):
-            if value is not None:
-                message[key] = value
-        return message
+        return wire.pty_start(
+            self.cols, self.rows, tag=self.tag, cmd=self.cmd, args=self.args, env=self.env,
+            cwd=self.cwd,
+        )  # fmt: skip
 
     async def _tcp_socket(self) -> socket.socket | None:
         """A connected socket with a small receive buffer, for plain ``ws://`` URLs."""
@@ -399,7 +372,7 @@ class PtyClient:
         return sock
 
     async def _open_socket(self) -> ClientConnection:
-        headers = {"X-Access-Token": self.token} if self.token else {}
+        headers = wire.auth_headers(self.token)
         try:
             sock = await self._tcp_socket()
             return await connect(
@@ -410,7 +383,7 @@ class PtyClient:
                 ping_interval=self.ping_interval,
                 ping_timeout=self.ping_interval,
                 close_timeout=1,
-                max_size=MAX_MESSAGE,
+                max_size=wire.MAX_PTY_MESSAGE,
                 max_queue=RECEIVE_QUEUE,
                 # Output is mostly fresh text on a local link: compressing it costs more CPU
                 # than it saves. And a capsule's port is never behind a proxy.
@@ -435,12 +408,12 @@ class PtyClient:
                 while True:
                     reply: dict[str, Any] = json.loads(await ws.recv())
                     kind = reply.get("type")
-                    if kind in ("started", "connected"):
+                    if kind in wire.PTY_ATTACH_REPLIES:
                         return reply
-                    if kind == "error":
+                    if kind == wire.PTY_ERROR:
                         raise PtyClientError(str(reply.get("error")), str(reply.get("message")))
-                    if kind == "ping":
-                        await ws.send('{"type":"pong"}')
+                    if kind == wire.PTY_PING:
+                        await ws.send(json.dumps({"type": wire.PTY_PONG}))
         except (ConnectionClosed, OSError, TimeoutError) as exc:
             raise _Transient(str(exc) or type(exc).__name__) from None
 
@@ -455,7 +428,7 @@ class PtyClient:
 
     async def _adopt(self, ws: ClientConnection, reply: dict[str, Any]) -> Attached:
         old, self._ws = self._ws, ws
-        new_session = reply["type"] == "started"
+        new_session = reply["type"] == wire.PTY_STARTED
         attached = Attached(
             tag=str(reply["tag"]),
             pid=int(reply["pid"]),
@@ -476,7 +449,7 @@ class PtyClient:
                 await old.close()
         if attached.alive and (attached.cols, attached.rows) != (self.cols, self.rows):
             # The pane may have changed size while the socket was down.
-            await self._send({"type": "resize", "cols": self.cols, "rows": self.rows})
+            await self._send(wire.pty_resize(self.cols, self.rows))
         backlog, self._input_backlog, self._input_backlog_chars = self._input_backlog, [], 0
         for pending in backlog:
             await self._send(pending)
@@ -523,9 +496,9 @@ class PtyClient:
         ws = await self._open_socket()
         try:
             try:
-                reply = await self._handshake(ws, {"type": "connect", "tag": self.tag})
+                reply = await self._handshake(ws, wire.pty_connect(self.tag))
             except PtyClientError as exc:
-                if exc.code != "unknown_session":
+                if exc.code != wire.PTY_UNKNOWN_SESSION:
                     raise
                 if not first:
                     # envd no longer knows the session: the capsule was rebooted, not resumed.
@@ -587,23 +560,23 @@ class PtyClient:
 
     async def _handle(self, ws: ClientConnection, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == "output":
+        if kind == wire.PTY_OUTPUT:
             replay, self._replay_next = self._replay_next, False
             await self._push_output(Output(str(message.get("data", "")), replay))
-        elif kind == "exit":
+        elif kind == wire.PTY_EXIT:
             self._session_alive = False
             self._replay_next = False
             self._push(
                 Exited(str(message.get("tag")), message.get("exit_code"), message.get("signal"))
             )
-        elif kind == "error":
+        elif kind == wire.PTY_ERROR:
             self._push(
                 PtyError(
                     str(message.get("error")), str(message.get("message")), message.get("request")
                 )
             )
-        elif kind == "ping":
+        elif kind == wire.PTY_PING:
             with contextlib.suppress(ConnectionClosed, OSError):
-                await ws.send('{"type":"pong"}')
-        elif kind == "detached":
+                await ws.send(json.dumps({"type": wire.PTY_PONG}))
+        elif kind == wire.PTY_DETACHED:
             self._session_alive = False

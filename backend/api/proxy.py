@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from backend.capsules.errors import CapsuleNotFound
-from backend.capsules.manager import ENVD_PORT
 from backend.capsules.models import State
+from backend.envd.protocol import ENVD_PORT
 
 from .capsules import Capsules
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from backend.envd import protocol as wire
+
 
 class EnvdError(Exception):
     """envd could not be reached or refused a request."""
@@ -37,7 +39,7 @@ class EnvdClient:
         await self._client.aclose()
 
     def _headers(self) -> dict[str, str]:
-        return {"X-Access-Token": self.token} if self.token else {}
+        return wire.auth_headers(self.token)
 
     async def _request(
         self, method: str, path: str, *, json: Any = None, timeout: float | None = None

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backend.capsules import sparse
+from backend import sparse
 from backend.capsules.envd_client import EnvdClient, EnvdError, ExecResult
 from backend.capsules.errors import (
     CapsuleError,
@@ -48,6 +48,7 @@ from backend.capsules.snapshotting import (
 from backend.capsules.store import Store
 from backend.capsules.templates import TemplateSnapshots, snapshot_key
 from backend.config import Paths
+from backend.envd.protocol import ENVD_PORT
 from backend.image.builder import ImageBuilder
 from backend.runtime import network as net
 from backend.runtime.accel import probe_accel
@@ -63,7 +64,6 @@ REPORTING_SETTLE_S = 0.4
 REPORTING_MAX_WAIT_S = 5.0
 
 DEFAULT_MEMORY_MIB = 256
-ENVD_PORT = 49983
 
 Listener = Callable[[Capsule], None]
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from backend.capsules import sparse
+from backend import sparse
 from backend.capsules.errors import CapsuleError, SnapshotCorrupt
 from backend.runtime.base import VMMError
 from backend.runtime.qemu import QemuVM

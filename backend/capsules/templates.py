@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from backend.capsules import sparse
+from backend import sparse
 from backend.capsules.envd_client import EnvdClient, EnvdError
 from backend.capsules.errors import CapsuleError
 from backend.capsules.snapshotting import fsync_file, inflate_balloon, make_overlay, sha256_file

@@ -13,9 +13,11 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-TOKEN_HEADER = b"x-access-token"
-TOKEN_QUERY = "access_token"
-OPEN_PATHS = frozenset({"/health"})
+from . import protocol
+
+TOKEN_HEADER = protocol.TOKEN_HEADER.lower().encode()
+TOKEN_QUERY = protocol.TOKEN_QUERY
+OPEN_PATHS = frozenset({protocol.HEALTH_PATH})
 
 
 def token_matches(expected: str | None, given: str | None) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PORT = 49983
+from .protocol import ENVD_PORT
+
+DEFAULT_PORT = ENVD_PORT
 KIB = 1024
 MIB = 1024 * 1024
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.capsules.sparse import sparse_checksum
 from backend.config import Paths, assets_dir
 from backend.image import initramfs, kernel, rootfs
 from backend.image.errors import ImageBuildError
@@ -30,6 +29,7 @@ from backend.image.manifest import (
 )
 from backend.image.recipe import Recipe
 from backend.image.tools import disk_full_error, find_static_busybox, is_disk_full, require_tools
+from backend.sparse import sparse_checksum
 
 BUILDER_VERSION = "1"
 """Bump when the builder's output changes for the same inputs."""

@@ -19,7 +19,7 @@ class ImageFile:
     allocated: int
     """Bytes actually allocated on disk (the rootfs is sparse)."""
     sha256: str
-    """SHA-256 over the file's data extents (backend/capsules/sparse.py): holes are not read."""
+    """SHA-256 over the file's data extents (backend/sparse.py): holes are not read."""
 
 
 @dataclass(frozen=True)

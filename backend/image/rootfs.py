@@ -8,7 +8,6 @@ pack  : base + wheels + layer copied into one tree, byte-compiled, `mkfs.ext4 -d
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from backend.config import settings
 from backend.image.errors import ImageBuildError
 from backend.image.tools import run
 
@@ -34,7 +34,7 @@ SLIRP_DNS = "10.0.2.3"
 
 def debian_mirror(suite: str) -> str:
     """The Debian mirror this host's apt uses for `suite` (or WRENN_DEBIAN_MIRROR)."""
-    override = os.environ.get("WRENN_DEBIAN_MIRROR")
+    override = settings().debian_mirror
     if override:
         return override
     sources: list[Path] = [Path("/etc/apt/sources.list")]

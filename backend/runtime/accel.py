@@ -1,9 +1,11 @@
 """Which accelerator can really run a guest here: KVM when a guest actually executes, else TCG.
 
 A present `/dev/kvm` is not enough: on a nested "kvm-pvm" host only PVM-enabled guest kernels
-run, and a normal guest spins forever with no output. So we boot a 64 KiB firmware whose reset
-vector writes one byte to the serial port and halts, and give it a short deadline. The probe
-needs no image and costs ~50 ms when KVM works.
+run, and a normal guest spins forever with no output (a tiny firmware, by contrast, runs fine
+there, so it proves nothing). So KVM is verified by booting the image's own kernel under it
+with a short deadline, waiting for its banner on the serial port; without an image KVM is not
+verified. TCG is checked with a 64 KiB firmware whose reset vector writes one byte to the
+serial port and halts. The answer is cached per host boot, QEMU version and kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from backend.config import settings
 
 QEMU_BINARY = "qemu-system-x86_64"
 PROBE_BYTE = b"K"
@@ -152,8 +156,8 @@ def probe_accel(
     Without a kernel, KVM cannot be verified and TCG is chosen. The answer is cached per host
     boot, QEMU version and kernel.
     """
-    forced = os.environ.get("WRENN_ACCEL")
-    if forced in ("kvm", "tcg"):
+    forced = settings().accel
+    if forced is not None:
         return AccelProbe(
             forced, Path("/dev/kvm").exists(), forced == "kvm", "forced by WRENN_ACCEL", 0.0
         )

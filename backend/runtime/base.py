@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from backend.envd.protocol import ENVD_PORT
+
 
 class VMMError(Exception):
     """A VMM operation failed; the message says which and why."""
@@ -34,7 +36,7 @@ class VMConfig:
     metadata_json: str
     """Served to the guest at the metadata address (see backend/runtime/qemu.py)."""
     accel: str = "tcg"
-    guest_port: int = 49983
+    guest_port: int = ENVD_PORT
     network: str = "none"
     """"none": the guest reaches nothing but its port forward and the metadata address;
     "internet": outbound NAT, never to the host's own addresses (backend/runtime/network.py)."""

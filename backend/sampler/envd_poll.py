@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from backend.envd import protocol as wire
 from backend.sampler.models import Target
 
 log = logging.getLogger("wrenn.sampler")
@@ -40,7 +41,7 @@ KEEPALIVE_S = 4.0
 """An idle connection older than this is not reused: uvicorn (envd) closes at 5 s, and a
 request racing that close would fail."""
 
-MAX_BODY = 1 << 20
+MAX_BODY = wire.MAX_SMALL_BODY
 """envd's /metrics is ~500 bytes; anything near this is not envd."""
 
 READ_CHUNK = 1 << 16
@@ -90,10 +91,10 @@ class _Endpoint:
         self.target = target
         self.host = url.hostname
         self.port = url.port or 80
-        path = url.path.rstrip("/") + "/metrics"
+        path = url.path.rstrip("/") + wire.METRICS_PATH
         headers = [("Host", url.netloc), ("Accept", "application/json")]
         if target.token:
-            headers.append(("X-Access-Token", target.token))
+            headers.append((wire.TOKEN_HEADER, target.token))
         self.request = h11.Request(method="GET", target=path, headers=headers)
         self.connection: _Connection | None = None
 

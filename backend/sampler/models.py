@@ -24,7 +24,7 @@ class Target:
     capsule_id: str
     envd_url: str
     token: str | None
-    """Sent as X-Access-Token."""
+    """Sent in envd's token header (backend/envd/protocol.py)."""
     pid: int | None
     """The VMM process, for host-side CPU and RSS; None when unknown."""
 

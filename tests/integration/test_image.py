@@ -51,8 +51,8 @@ def test_image_list_json_reports_versions_and_hashes(built_image: Path) -> None:
 
 
 def test_manifest_checksums_match_the_files(built_image: Path) -> None:
-    from backend.capsules.sparse import sparse_checksum
     from backend.image.manifest import load_manifest
+    from backend.sparse import sparse_checksum
 
     manifest = load_manifest(built_image)
     assert manifest is not None

@@ -17,8 +17,8 @@ import pytest
 from backend.capsules.errors import CapsuleError, CapsuleNotFound, IllegalTransition
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
-from backend.capsules.sparse import sparse_checksum
 from backend.config import Paths
+from backend.sparse import sparse_checksum
 from tests.integration.conftest import sh
 
 pytestmark = pytest.mark.vm

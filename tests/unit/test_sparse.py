@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.capsules.sparse import allocated_bytes, sparse_checksum, sparse_copy
+from backend.sparse import allocated_bytes, sparse_checksum, sparse_copy
 
 
 def _sparse_file(path: Path) -> None:

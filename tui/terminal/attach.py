@@ -32,7 +32,7 @@ from typing import Any, Literal
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from backend.pty_client import MAX_MESSAGE, input_message, pty_ws_url
+from backend.envd import protocol as wire
 
 DETACH_BYTE = b"\x1d"  # ctrl+]
 SIZE_POLL_S = 0.5
@@ -82,18 +82,17 @@ def _handshake(ws: ClientConnection, message: Mapping[str, Any]) -> dict[str, An
     _send(ws, message)
     while True:
         reply: dict[str, Any] = json.loads(ws.recv(timeout=10))
-        if reply.get("type") in ("started", "connected", "error"):
+        if reply.get("type") in (*wire.PTY_ATTACH_REPLIES, wire.PTY_ERROR):
             return reply
 
 
 def _connect(envd_url: str, token: str | None) -> ClientConnection:
-    headers = {"X-Access-Token": token} if token else {}
     try:
         return connect(
-            pty_ws_url(envd_url),
-            additional_headers=headers,
+            wire.pty_ws_url(envd_url),
+            additional_headers=wire.auth_headers(token),
             open_timeout=10,
-            max_size=MAX_MESSAGE,
+            max_size=wire.MAX_PTY_MESSAGE,
             compression=None,
             proxy=None,
         )
@@ -109,7 +108,7 @@ def _connect(envd_url: str, token: str | None) -> ClientConnection:
 
 def _start(ws: ClientConnection, start: Mapping[str, Any]) -> dict[str, Any]:
     reply = _handshake(ws, start)
-    if reply["type"] == "error":
+    if reply["type"] == wire.PTY_ERROR:
         raise AttachError(f"envd could not start a shell: {reply.get('message')}")
     return reply
 
@@ -121,12 +120,12 @@ def _session_socket(
     """A socket attached to ``tag``: the running session, or a new one under that tag."""
     try:
         with _connect(envd_url, token) as ws:
-            reply = _handshake(ws, {"type": "connect", "tag": tag})
-            if reply["type"] == "error" and reply.get("error") != "unknown_session":
+            reply = _handshake(ws, wire.pty_connect(tag))
+            if reply["type"] == wire.PTY_ERROR and reply.get("error") != wire.PTY_UNKNOWN_SESSION:
                 raise AttachError(f"envd refused to attach {tag!r}: {reply.get('message')}")
-            exited = reply["type"] == "connected" and not reply.get("alive", True)
+            exited = reply["type"] == wire.PTY_CONNECTED and not reply.get("alive", True)
             if not exited:
-                if reply["type"] == "error":
+                if reply["type"] == wire.PTY_ERROR:
                     _start(ws, start)
                 yield ws
                 return
@@ -187,15 +186,15 @@ class _OutputPump(threading.Thread):
             for raw in self.ws:
                 message = json.loads(raw)
                 kind = message.get("type")
-                if kind == "output":
+                if kind == wire.PTY_OUTPUT:
                     _write_all(self.out_fd, str(message.get("data", "")).encode("utf-8"))
-                elif kind == "exit":
+                elif kind == wire.PTY_EXIT:
                     self.result = AttachResult(
                         "exited", message.get("exit_code"), message.get("signal")
                     )
                     break
-                elif kind == "ping":
-                    self.ws.send('{"type":"pong"}')
+                elif kind == wire.PTY_PING:
+                    _send(self.ws, {"type": wire.PTY_PONG})
         except (ConnectionClosed, OSError):
             pass
         finally:
@@ -222,13 +221,14 @@ def attach_fullscreen(
     in_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
     out_fd = sys.stdout.fileno() if stdout_fd is None else stdout_fd
     cols, rows = _terminal_size(out_fd)
-    start: dict[str, Any] = {"type": "start", "tag": tag, "cols": cols, "rows": rows}
-    if cmd is not None:
-        start["cmd"] = cmd
-        if args is not None:
-            start["args"] = list(args)
-    if env is not None:
-        start["env"] = dict(env)
+    start = wire.pty_start(
+        cols,
+        rows,
+        tag=tag,
+        cmd=cmd,
+        args=list(args) if cmd is not None and args is not None else None,
+        env=dict(env) if env is not None else None,
+    )
     with _session_socket(envd_url, token, tag, start) as ws:
         return _bridge(ws, tag, in_fd, out_fd, (cols, rows), detach_byte)
 
@@ -247,7 +247,7 @@ def _bridge(
     pump = _OutputPump(ws, out_fd, wake_w)
     result: AttachResult | None = None
     try:
-        _send(ws, {"type": "resize", "cols": cols, "rows": rows})
+        _send(ws, wire.pty_resize(cols, rows))
         banner = f"\x1b[H\x1b[2J[attached to {tag}: ctrl+] returns to the dashboard]\r\n"
         _write_all(out_fd, banner.encode())
         with _raw_mode(in_fd), _on_window_change(wake_w):
@@ -259,7 +259,7 @@ def _bridge(
                         os.read(wake_r, 4096)
                 if _terminal_size(out_fd) != (cols, rows):
                     cols, rows = _terminal_size(out_fd)
-                    _send(ws, {"type": "resize", "cols": cols, "rows": rows})
+                    _send(ws, wire.pty_resize(cols, rows))
                 if in_fd not in ready:
                     continue
                 data = os.read(in_fd, 65536)
@@ -268,7 +268,7 @@ def _bridge(
                     break
                 before, found, _ = data.partition(detach_byte)
                 if before:
-                    _send(ws, input_message(before))
+                    _send(ws, wire.pty_input(before))
                 if found:
                     result = AttachResult("detached")
                     break

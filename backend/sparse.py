@@ -1,4 +1,5 @@
-"""Sparse file copies: guest RAM files are mostly holes, and holes must stay holes.
+"""Sparse file copies and durable writes: guest RAM files are mostly holes, and holes must stay
+holes. Used by snapshots (backend/capsules) and image builds (backend/image) alike.
 
 The checksum is taken over the data extents (offset, length, bytes) in the same pass as the copy,
 so checksumming a snapshot costs no second read. A hole and a run of zeros hash differently,
@@ -112,6 +113,23 @@ def allocated_bytes(path: Path) -> int:
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """The plain SHA-256 of a whole file (small files: device state, manifests)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
