@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -100,25 +101,31 @@ def _ensure_template_snapshot(image_dir: Path) -> None:
     """Boot the template once and snapshot it, so `capsule create` restores in about a second
     instead of cold-booting (skipped when it exists: `image build` stays a fast no-op)."""
     from backend.capsules.errors import CapsuleError
-    from backend.capsules.manager import DEFAULT_MEMORY_MIB
-    from backend.capsules.templates import TemplateSnapshots
+    from backend.capsules.manager import DEFAULT_MEMORY_MIB, CapsuleManager
+    from backend.capsules.templates import snapshot_key
     from backend.runtime.accel import probe_accel
 
     accel = probe_accel(image_dir / "vmlinux").accel
     if accel == "none":
         click.echo("no template snapshot: QEMU cannot run guests here (`wrenn-tui doctor`)")
         return
-    templates = TemplateSnapshots(default_paths())
-    if templates.load(image_dir, DEFAULT_MEMORY_MIB, 1, accel) is not None:
-        return
+    manager = CapsuleManager(default_paths(), accel=accel)
+    key = snapshot_key(DEFAULT_MEMORY_MIB, 1, accel)
     try:
-        snap = _run(templates.ensure(image_dir, DEFAULT_MEMORY_MIB, 1, accel, progress=click.echo))
+        if manager.warm.load(image_dir, key) is not None:
+            return
+        started = time.monotonic()
+        snap = _run(
+            manager.warm.ensure(image_dir, DEFAULT_MEMORY_MIB, 1, accel, progress=click.echo)
+        )
     except CapsuleError as exc:
         click.echo(f"warning: {exc}; capsules will cold-boot", err=True)
         return
+    finally:
+        manager.store.close()
     click.echo(
-        f"template snapshot {snap.key}: {(snap.ram_allocated + snap.disk_allocated) / 2**20:.0f}"
-        f" MiB, booted and saved in {snap.build_seconds:.1f} s"
+        f"template snapshot {key}: {(snap.ram_allocated + snap.disk_allocated) / 2**20:.0f}"
+        f" MiB, booted and saved in {time.monotonic() - started:.1f} s"
     )
 
 

@@ -1,11 +1,22 @@
-"""CapsuleManager: the one async API the dashboard and the headless CLI both use.
+"""CapsuleManager: the one async API the dashboard, the headless CLI and the agent API use.
 
-Lifecycle (see docs/architecture.md):
-  create  : qcow2 overlay over the image rootfs -> QEMU -> envd /health -> /init      => running
-  pause   : envd /snapshot/prepare -> free pages returned -> QMP stop -> device state ->
-            RAM copied sparsely + disk linked into gen-N.tmp -> fsync -> rename gen-N -> quit
-  resume  : RAM + disk copied out of gen-N (checksums verified in the same pass) ->
-            QEMU -incoming -> cont -> /health -> /init                                 => running
+It orchestrates; the pieces live beside it:
+  layout.py      where every file of a capsule lives
+  snapshots.py   the one snapshot writer (capture, commit) and reader (restore, bring_up)
+  templates.py   built-in templates (images, warm snapshots) and user templates
+  reconcile.py   re-adoption of what an earlier agent left; watchdog.py: dead VMs, auto-pause
+  actions.py     which operation applies in which state
+The VMM is reached only through the runtime interface (backend/runtime/base.py), envd only
+through the Envd interface (guest.py): tests drive failure paths with fakes of both.
+
+Lifecycle:
+  create  : from a template's snapshot (an image's warm snapshot, or a user template), or a
+            cold boot -> envd /health -> /init                                     => running
+  pause   : capture (envd prepare, balloon, stop, device state, RAM + disk) -> gen-N.tmp ->
+            rename gen-N -> VMM quits                                               => paused
+  resume  : restore from gen-N (checksums verified while copying) -> /health -> /init
+  fork    : capture of the source at one instant (it keeps running) -> N restores
+  template: capture of a running or paused capsule -> disk flattened -> renamed into place
 A generation on disk is never written again once renamed into place; the capsule runs from
 copies of it, so a failed later pause always falls back to it.
 """
@@ -13,75 +24,76 @@ copies of it, so a failed later pause always falls back to it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import errno
-import json
-import os
 import secrets
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from backend import sparse
-from backend.capsules.envd_client import EnvdClient, EnvdError, ExecResult
-from backend.capsules.errors import (
-    CapsuleError,
-    CapsuleNotFound,
-    IllegalTransition,
-    SnapshotCorrupt,
-)
+from backend.capsules import snapshots
+from backend.capsules.actions import Action, require
+from backend.capsules.disks import flatten, make_overlay
+from backend.capsules.envd_client import EnvdError, ExecResult
+from backend.capsules.errors import CapsuleError, CapsuleNotFound, SnapshotCorrupt
+from backend.capsules.guest import Envd, EnvdFactory, init_body, metadata_json, real_envd
+from backend.capsules.layout import CapsuleLayout
 from backend.capsules.locks import CapsuleLocks
 from backend.capsules.models import Capsule, Event, Snapshot, State, new_capsule_id
-from backend.capsules.snapshotting import (
-    SnapshotFiles,
-    copy_disk,
-    copy_ram,
-    fsync_file,
-    inflate_balloon,
-    make_overlay,
-    prepare_ram_file,
-    sha256_file,
-)
+from backend.capsules.networking import CapsuleNetworks, NetworkUnavailable
+from backend.capsules.snapshots import CaptureSpec, DiskFrom, SnapshotManifest
 from backend.capsules.store import Store
-from backend.capsules.templates import TemplateSnapshots, snapshot_key
+from backend.capsules.templates import (
+    MAX_FORK,
+    Template,
+    TemplateStore,
+    WarmSnapshots,
+    snapshot_key,
+)
 from backend.config import Paths
-from backend.envd.protocol import ENVD_PORT
-from backend.image.builder import ImageBuilder
-from backend.runtime import network as net
 from backend.runtime.accel import probe_accel
-from backend.runtime.base import BalloonStats, VMConfig, VMMError
-from backend.runtime.network import MODES, NetworkUnavailable
-from backend.runtime.qemu import QemuRuntime, QemuVM, free_port, pid_is_vm
+from backend.runtime.base import VM, BalloonStats, Runtime, VMConfig, VMMError
+from backend.runtime.ports import free_port, port_is_free
+from backend.runtime.qemu import QemuRuntime
 
 BOOT_DEADLINE_S = 180.0
 RESUME_DEADLINE_S = 60.0
-REPORTING_MIN_WAIT_S = 2.3
-"""The guest reports freed pages only after a ~2 s delay; stopping earlier keeps them."""
-REPORTING_SETTLE_S = 0.4
-REPORTING_MAX_WAIT_S = 5.0
-
 DEFAULT_MEMORY_MIB = 256
+DEFAULT_TEMPLATE = "default"
 
 Listener = Callable[[Capsule], None]
+Progress = Callable[[str], None]
 
 
 class CapsuleManager:
-    def __init__(self, paths: Paths, accel: str | None = None) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        accel: str | None = None,
+        *,
+        runtime: Runtime | None = None,
+        envd: EnvdFactory = real_envd,
+    ) -> None:
+        """`runtime` and `envd` exist for tests (fakes that fail on cue); by default the
+        runtime is QEMU with the probed accelerator (or `accel`)."""
         self.paths = paths
         paths.ensure()
+        self.layout = CapsuleLayout(paths)
+        self.layout.ensure()
         self.store = Store(paths.database)
         self.locks = CapsuleLocks(paths.capsules)
+        self.networks = CapsuleNetworks(paths.state)
+        self.templates = TemplateStore(paths, self.layout)
+        self.warm = WarmSnapshots(self.layout, self.runtime, envd)
         self._accel = accel
-        self._runtime: QemuRuntime | None = None
-        self._vms: dict[str, QemuVM] = {}
+        self._runtime = runtime
+        self._envd = envd
+        self._vms: dict[str, VM] = {}
         self._listeners: list[Listener] = []
         self._watchdog: asyncio.Task[None] | None = None
-        self.templates = TemplateSnapshots(paths)
-        self.net_scope = net.scope_of(paths.state)
-        """Tag of this agent's network namespaces, links and nftables table."""
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -89,17 +101,18 @@ class CapsuleManager:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
-    def _save(self, capsule: Capsule) -> Capsule:
+    def save(self, capsule: Capsule) -> Capsule:
+        """Record a capsule and tell every listener (the dashboard) about it."""
         self.store.put(capsule)
         for listener in list(self._listeners):
             with contextlib.suppress(Exception):
                 listener(capsule)
         return capsule
 
-    def _event(self, capsule_id: str, kind: str, message: str) -> None:
+    def event(self, capsule_id: str, kind: str, message: str) -> None:
         self.store.add_event(capsule_id, kind, message)
 
-    def runtime(self, image_dir: Path) -> QemuRuntime:
+    def runtime(self, image_dir: Path) -> Runtime:
         if self._runtime is None:
             accel = self._accel or probe_accel(image_dir / "vmlinux").accel
             if accel == "none":
@@ -107,73 +120,54 @@ class CapsuleManager:
             self._runtime = QemuRuntime(accel)
         return self._runtime
 
-    def run_dir(self, capsule_id: str) -> Path:
-        return self.paths.capsules / capsule_id
-
-    def snapshot_dir(self, capsule_id: str) -> Path:
-        return self.paths.snapshots / capsule_id
-
-    def ram_file(self, capsule_id: str) -> Path:
-        return self.paths.shm / f"wrenn-{capsule_id}.mem"
-
     def vm_config(self, capsule: Capsule) -> VMConfig:
         image = Path(capsule.image_dir)
-        run_dir = self.run_dir(capsule.id)
         return VMConfig(
             capsule_id=capsule.id,
-            run_dir=run_dir,
+            run_dir=self.layout.run_dir(capsule.id),
             kernel=image / "vmlinux",
             initrd=image / "initrd.cpio.gz",
-            disk=run_dir / "disk.qcow2",
-            ram_file=self.ram_file(capsule.id),
+            disk=self.layout.disk(capsule.id),
+            ram_file=self.layout.ram_file(capsule.id),
             memory_mib=capsule.memory_mib,
             vcpus=capsule.vcpus,
             host_port=capsule.host_port,
-            metadata_json=self._metadata_json(capsule),
-            netns=self._netns(capsule).name if capsule.network == "internet" else None,
+            metadata_json=metadata_json(capsule),
+            netns=self.networks.netns_name(capsule),
             forward_host=capsule.envd_host,
             accel=capsule.accel,
-            guest_port=ENVD_PORT,
             network=capsule.network,
         )
 
-    def _netns(self, capsule: Capsule) -> net.CapsuleNetns:
-        assert capsule.net_slot is not None, f"{capsule.id} has no network slot"
-        return net.netns_for(self.net_scope, capsule.id, capsule.net_slot)
+    def envd(self, capsule: Capsule, timeout: float = 10.0, token: str | None = None) -> Envd:
+        """A client for the capsule's envd (with `token` instead of the capsule's own)."""
+        return self._envd(capsule.envd_url, token or capsule.access_token, timeout)
 
-    async def _ensure_netns(self, capsule: Capsule) -> None:
-        if capsule.network == "internet":
-            await asyncio.to_thread(net.setup_netns, self.net_scope, self._netns(capsule))
+    def vm(self, capsule: Capsule) -> VM | None:
+        """The VM of a running capsule (one started by another process included)."""
+        vm = self._vms.get(capsule.id)
+        if vm is not None and vm.pid == capsule.pid:
+            return vm
+        if capsule.pid is None:
+            return None
+        vm = self.runtime(Path(capsule.image_dir)).attach(self.vm_config(capsule), capsule.pid)
+        if vm is not None:
+            self._vms[capsule.id] = vm
+        return vm
 
-    def envd(self, capsule: Capsule, timeout: float = 10.0) -> EnvdClient:
-        return EnvdClient(capsule.envd_url, capsule.access_token, timeout=timeout)
+    def vm_alive(self, capsule: Capsule) -> bool:
+        vm = self.vm(capsule)
+        return vm is not None and vm.alive()
 
-    def _metadata_json(self, capsule: Capsule) -> str:
-        return json.dumps(
-            {
-                "instanceID": capsule.id,
-                "templateID": capsule.template,
-                "envID": capsule.template,
-                "network": capsule.network,
-            }
-        )
+    def forget_vm(self, capsule_id: str) -> None:
+        self._vms.pop(capsule_id, None)
 
-    def _write_metadata(self, capsule: Capsule) -> None:
-        """A copy of what the guest's metadata address serves, for people and `get`."""
-        path = self.run_dir(capsule.id) / "metadata.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self._metadata_json(capsule))
-        tmp.chmod(0o600)
-        tmp.rename(path)
-
-    def _init_body(self, capsule: Capsule) -> dict[str, Any]:
-        return {
-            "accessToken": capsule.access_token,
-            "timestamp": time.time(),
-            "instanceID": capsule.id,
-            "templateID": capsule.template,
-            "entropy": base64.b64encode(os.urandom(64)).decode(),
-        }
+    def vmm_log_tail(self, capsule: Capsule) -> str:
+        try:
+            text = self.layout.vmm_log(capsule.id).read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        return f"QEMU log: {text[-300:]}" if text else "see the console log"
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -192,20 +186,6 @@ class CapsuleManager:
     def events(self, capsule_id: str | None = None, limit: int = 50) -> list[Event]:
         return self.store.events(capsule_id, limit)
 
-    def vm(self, capsule: Capsule) -> QemuVM | None:
-        """The VM handle of a running capsule (adopting a VM started by another process)."""
-        vm = self._vms.get(capsule.id)
-        if vm is not None and vm.pid == capsule.pid:
-            return vm
-        if capsule.pid is None:
-            return None
-        config = self.vm_config(capsule)
-        if not pid_is_vm(capsule.pid, config):
-            return None
-        vm = QemuVM(config, capsule.pid)
-        self._vms[capsule.id] = vm
-        return vm
-
     async def balloon_stats(self, capsule_id: str) -> BalloonStats | None:
         capsule = self.get(capsule_id)
         vm = self.vm(capsule) if capsule.state == State.RUNNING else None
@@ -216,122 +196,25 @@ class CapsuleManager:
         except VMMError:
             return None
 
-    # -- start-up: re-adopt what an earlier agent left ----------------------------------------
+    def list_templates(self) -> list[Template]:
+        return self.templates.all()
+
+    def template_users(self, name: str) -> list[str]:
+        """Capsules whose disk (or snapshot) builds on template `name`."""
+        return [c.id for c in self.store.list_capsules() if c.template == name]
+
+    # -- start-up and shutdown --------------------------------------------------------------
 
     async def start(self, watchdog: bool = True) -> list[Capsule]:
-        """Re-adopt capsules from the state dir; returns them in their reconciled states."""
-        for capsule in self.store.list_capsules():
-            async with self.locks.hold(capsule.id):
-                current = self.store.get(capsule.id)
-                if current is not None:
-                    await self._reconcile(current)
-        await self._reconcile_network()
+        """Re-adopt what an earlier agent left (backend/capsules/reconcile.py); start the
+        watchdog. Returns the capsules in their reconciled states."""
+        from backend.capsules.reconcile import Reconciler
+        from backend.capsules.watchdog import Watchdog
+
+        await Reconciler(self).run()
         if watchdog and self._watchdog is None:
-            self._watchdog = asyncio.create_task(self._watch(), name="capsule-watchdog")
+            self._watchdog = asyncio.create_task(Watchdog(self).run(), name="capsule-watchdog")
         return self.store.list_capsules()
-
-    async def _reconcile_network(self) -> None:
-        """Remove what a crashed agent left of the internet mode: namespaces of capsules that
-        are gone, and the nftables table when no capsule uses the mode; reload it otherwise."""
-        capsules = [c for c in self.store.list_capsules() if c.network == "internet"]
-        wanted = {self._netns(c).name for c in capsules if c.net_slot is not None}
-        try:
-            for name in await asyncio.to_thread(net.existing_netns, self.net_scope):
-                if name not in wanted:
-                    await asyncio.to_thread(net.teardown_netns_named, self.net_scope, name)
-            if capsules:
-                await asyncio.to_thread(net.ensure_rules, self.net_scope)
-            else:
-                await asyncio.to_thread(net.remove_rules, self.net_scope)
-        except NetworkUnavailable as exc:
-            for capsule in capsules:
-                self._event(capsule.id, "error", f"network isolation unavailable: {exc}")
-
-    async def _reconcile(self, capsule: Capsule) -> None:
-        config = self.vm_config(capsule)
-        alive = capsule.pid is not None and pid_is_vm(capsule.pid, config)
-        state = capsule.state
-        if state in (State.RUNNING, State.PENDING, State.RESUMING):
-            if alive and state == State.RUNNING:
-                return
-            if alive:
-                vm = self.vm(capsule)
-                assert vm is not None
-                with contextlib.suppress(VMMError):
-                    await vm.cont()
-                self._event(capsule.id, "adopt", f"re-adopted after an interrupted {state}")
-                self._save(capsule.with_(state=State.RUNNING, reason=""))
-                return
-            if state == State.RESUMING and self._generation_dir(capsule, capsule.generation):
-                self._save(
-                    capsule.with_(
-                        state=State.PAUSED, pid=None, reason="the agent stopped during resume"
-                    )
-                )
-                return
-            reason = f"QEMU (pid {capsule.pid}) is gone; {self._vmm_log_tail(capsule)}"
-            self._event(capsule.id, "error", reason)
-            self._save(capsule.with_(state=State.ERROR, reason=reason, pid=None))
-        elif state == State.PAUSING:
-            self._remove_tmp_generations(capsule.id)
-            latest = self._latest_generation_on_disk(capsule.id)
-            if alive:
-                vm = self.vm(capsule)
-                assert vm is not None
-                with contextlib.suppress(VMMError):
-                    await vm.cont()
-                if latest > capsule.generation:
-                    shutil.rmtree(self._generation_path(capsule.id, latest), ignore_errors=True)
-                self._event(capsule.id, "adopt", "pause was interrupted; capsule kept running")
-                self._save(
-                    capsule.with_(
-                        state=State.RUNNING, reason="pause interrupted by an agent restart"
-                    )
-                )
-            elif latest > capsule.generation and self._load_generation(capsule.id, latest):
-                self._cleanup_run_files(capsule)
-                self._save(capsule.with_(state=State.PAUSED, pid=None, generation=latest))
-            else:
-                self._save(
-                    capsule.with_(
-                        state=State.ERROR, pid=None, reason="the agent and QEMU died during a pause"
-                    )
-                )
-        elif state == State.PAUSED and not self._generation_dir(capsule, capsule.generation):
-            self._save(
-                capsule.with_(
-                    state=State.ERROR, reason=f"snapshot generation {capsule.generation} missing"
-                )
-            )
-
-    async def _watch(self) -> None:
-        """Notice dead VMs and idle capsules (auto-pause)."""
-        while True:
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
-                await self.check_health()
-
-    async def check_health(self) -> None:
-        now = time.time()
-        for capsule in self.store.list_capsules():
-            if capsule.state != State.RUNNING or self.locks.busy(capsule.id):
-                continue
-            if capsule.pid is None or not pid_is_vm(capsule.pid, self.vm_config(capsule)):
-                async with self.locks.hold(capsule.id):
-                    current = self.store.get(capsule.id)
-                    if (
-                        current
-                        and current.state == State.RUNNING
-                        and not (current.pid and pid_is_vm(current.pid, self.vm_config(current)))
-                    ):
-                        reason = f"QEMU exited unexpectedly; {self._vmm_log_tail(current)}"
-                        self._event(current.id, "error", reason)
-                        self._vms.pop(current.id, None)
-                        self._save(current.with_(state=State.ERROR, reason=reason, pid=None))
-            elif capsule.auto_pause_s > 0 and now - capsule.last_activity > capsule.auto_pause_s:
-                self._event(capsule.id, "auto-pause", f"idle for {capsule.auto_pause_s} s")
-                with contextlib.suppress(CapsuleError):
-                    await self.pause(capsule.id)
 
     async def close(self) -> None:
         """Stop watching; capsules keep running (they are not this process's children)."""
@@ -346,37 +229,56 @@ class CapsuleManager:
 
     async def create(
         self,
-        memory_mib: int = DEFAULT_MEMORY_MIB,
-        vcpus: int = 1,
-        template: str = "default",
+        memory_mib: int | None = None,
+        vcpus: int | None = None,
+        template: str = DEFAULT_TEMPLATE,
         auto_pause_s: int = 0,
-        network: str = "none",
+        network: str | None = None,
         cold: bool = False,
-        progress: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
     ) -> Capsule:
-        """Start a capsule: restored from the template's warm snapshot (built on first use of
-        a memory size), or booted from scratch with `cold=True` or when that snapshot is
-        missing or fails its checksums (the event log says which)."""
-        if not 64 <= memory_mib <= 65536:
-            raise CapsuleError(f"memory must be 64..65536 MiB, not {memory_mib}")
-        if not 1 <= vcpus <= 64:
-            raise CapsuleError(f"vCPUs must be 1..64, not {vcpus}")
-        if network not in MODES:
-            raise CapsuleError(f"unknown network mode {network!r}: use one of {', '.join(MODES)}")
-        slot = None
-        if network == "internet":
-            reason = net.internet_unavailable_reason()
-            if reason is not None:
-                raise CapsuleError(f"network mode 'internet' is unavailable: {reason}")
-            used = {c.net_slot for c in self.store.list_capsules() if c.net_slot is not None}
-            slot = net.free_slot(used)
-        builder = ImageBuilder(self.paths, template)
-        manifest = builder.installed()
-        if manifest is None:
-            raise CapsuleError(f"no image {template!r}: run `wrenn-tui image build`")
-        image_dir = builder.image_dir.resolve()
+        """Start a capsule from a template: a user template's snapshot (its size and network
+        mode are the template's), or an image's warm snapshot (built on first use of a size),
+        or a cold boot of the image with `cold=True` or when that snapshot is missing or fails
+        its checksums (the event log says which)."""
+        found = self.templates.get(template)
+        if not found.builtin:
+            return await self._create_from_template(found, memory_mib, vcpus, network, auto_pause_s)
+        memory_mib = DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib
+        vcpus = 1 if vcpus is None else vcpus
+        network = network or "none"
+        _check_size(memory_mib, vcpus)
+        self.networks.check_mode(network)
+        image_dir = Path(found.image_dir)
         runtime = self.runtime(image_dir)
-        capsule = Capsule(
+        capsule = self._new_capsule(
+            template, image_dir, memory_mib, vcpus, network, auto_pause_s, runtime.accel
+        )
+        async with self.locks.hold(capsule.id):
+            capsule = await self._register(capsule)
+            self.event(
+                capsule.id,
+                "create",
+                f"{memory_mib} MiB, {vcpus} vCPU, {template} {found.source}, {runtime.accel}",
+            )
+            started = time.monotonic()
+            warm = None if cold else await self._warm_start(capsule, image_dir, progress)
+            capsule = warm if warm is not None else await self._cold_start(capsule, image_dir)
+            how = "restored from the template snapshot" if warm else "booted cold"
+            return self._running(capsule, started, how, "warm" if warm else "cold")
+
+    def _new_capsule(
+        self,
+        template: str,
+        image_dir: Path,
+        memory_mib: int,
+        vcpus: int,
+        network: str,
+        auto_pause_s: int,
+        accel: str,
+        **extra: object,
+    ) -> Capsule:
+        return Capsule(
             id=new_capsule_id(),
             state=State.PENDING,
             template=template,
@@ -389,90 +291,210 @@ class CapsuleManager:
             network=network,
             auto_pause_s=auto_pause_s,
             last_activity=time.time(),
-            accel=runtime.accel,
-            net_slot=slot,
+            accel=accel,
+            extra=dict(extra),
         )
-        if slot is not None:
-            capsule = capsule.with_(envd_host=net.netns_for(self.net_scope, capsule.id, slot).ns_ip)
-        async with self.locks.hold(capsule.id):
-            run_dir = self.run_dir(capsule.id)
-            run_dir.mkdir(parents=True, mode=0o700)
-            self._save(capsule)
-            try:
-                await self._ensure_netns(capsule)
-            except NetworkUnavailable as exc:
-                reason = f"create failed: network mode 'internet' is unavailable: {exc}"
-                self._save(capsule.with_(state=State.ERROR, reason=reason))
-                raise CapsuleError(reason) from exc
-            self._event(
-                capsule.id,
-                "create",
-                f"{memory_mib} MiB, {vcpus} vCPU, {template} {manifest.version}, {runtime.accel}",
+
+    async def _register(self, capsule: Capsule) -> Capsule:
+        """Record a new pending capsule with its run dir (and network namespace)."""
+        capsule = self.networks.allocate(capsule, self.store.list_capsules())
+        self.layout.run_dir(capsule.id).mkdir(parents=True, mode=0o700)
+        self.save(capsule)
+        try:
+            await self.networks.ensure(capsule)
+        except NetworkUnavailable as exc:
+            reason = f"create failed: network mode 'internet' is unavailable: {exc}"
+            self.save(capsule.with_(state=State.ERROR, reason=reason))
+            raise CapsuleError(reason) from exc
+        return capsule
+
+    def _running(self, capsule: Capsule, started: float, how: str, start: str) -> Capsule:
+        boot_s = time.monotonic() - started
+        self.event(capsule.id, "running", f"{how} in {boot_s:.2f} s")
+        extra = {k: v for k, v in capsule.extra.items() if k != "init_token"}
+        return self.save(
+            capsule.with_(
+                state=State.RUNNING,
+                started_at=time.time(),
+                last_activity=time.time(),
+                reason="",
+                extra={**extra, "boot_s": boot_s, "start": start},
             )
-            started = time.monotonic()
-            warm = None if cold else await self._warm_start(capsule, image_dir, progress)
-            if warm is not None:
-                capsule = warm
-            else:
-                capsule = await self._cold_start(capsule, image_dir, runtime)
-            boot_s = time.monotonic() - started
-            how = "restored from the template snapshot" if warm else "booted cold"
-            self._event(capsule.id, "running", f"{how} in {boot_s:.2f} s")
-            return self._save(
-                capsule.with_(
-                    state=State.RUNNING,
-                    started_at=time.time(),
-                    last_activity=time.time(),
-                    extra={**capsule.extra, "boot_s": boot_s, "start": "warm" if warm else "cold"},
-                )
-            )
+        )
 
     async def _warm_start(
-        self, capsule: Capsule, image_dir: Path, progress: Callable[[str], None] | None
+        self, capsule: Capsule, image_dir: Path, progress: Progress | None
     ) -> Capsule | None:
-        """Restore the template snapshot as this capsule; None means: boot cold instead."""
+        """Restore the image's warm snapshot as this capsule; None means: boot cold instead."""
         key = snapshot_key(capsule.memory_mib, capsule.vcpus, capsule.accel, capsule.network)
         try:
-            snap = await self.templates.ensure(
+            snap = await self.warm.ensure(
                 image_dir,
                 capsule.memory_mib,
                 capsule.vcpus,
                 capsule.accel,
+                capsule.network,
                 progress,
-                network=capsule.network,
             )
         except CapsuleError as exc:
-            self._event(capsule.id, "cold-boot", f"no template snapshot ({exc}); cold boot")
+            self.event(capsule.id, "cold-boot", f"no template snapshot ({exc}); cold boot")
             return None
         try:
-            restored, _ = await self._restore_from(capsule, snap, f"template snapshot {key}")
+            restored, _ = await self._start_from(
+                capsule, snap, DiskFrom(), f"template snapshot {key}"
+            )
             return restored
         except (SnapshotCorrupt, VMMError, EnvdError, OSError) as exc:
             await self._kill(capsule)
-            self._cleanup_run_files(capsule)
+            self.layout.cleanup_run_files(capsule.id)
             if isinstance(exc, SnapshotCorrupt):
-                self.templates.discard(image_dir, key)
-            self._event(capsule.id, "cold-boot", f"template snapshot unusable ({exc}); cold boot")
+                self.warm.discard(image_dir, key)
+            self.event(capsule.id, "cold-boot", f"template snapshot unusable ({exc}); cold boot")
             return None
 
-    async def _cold_start(self, capsule: Capsule, image_dir: Path, runtime: QemuRuntime) -> Capsule:
-        run_dir = self.run_dir(capsule.id)
+    async def _cold_start(self, capsule: Capsule, image_dir: Path) -> Capsule:
+        config = self.vm_config(capsule)
         try:
-            await make_overlay(image_dir / "rootfs.ext4", run_dir / "disk.qcow2")
+            await make_overlay(image_dir / "rootfs.ext4", config.disk)
             self._write_metadata(capsule)
-            vm = await runtime.create(self.vm_config(capsule))
-            self._vms[capsule.id] = vm
-            capsule = self._save(capsule.with_(pid=vm.pid))
+            self.layout.ensure_ram_dir()
+            await asyncio.to_thread(sparse.create_holes, config.ram_file, capsule.memory_mib << 20)
+            vm = await self.runtime(image_dir).create(config)
+            capsule = self._started(capsule, vm)
             async with self.envd(capsule) as envd:
                 await envd.wait_healthy(BOOT_DEADLINE_S, vm.alive)
-                await envd.init(**self._init_body(capsule))
+                await envd.init(**init_body(capsule))
         except (VMMError, EnvdError, OSError, CapsuleError) as exc:
             await self._kill(capsule)
             reason = f"create failed: {exc}"
-            self._event(capsule.id, "error", reason)
-            self._save(capsule.with_(state=State.ERROR, reason=reason, pid=None))
+            self.event(capsule.id, "error", reason)
+            self.save(capsule.with_(state=State.ERROR, reason=reason, pid=None))
             raise CapsuleError(reason) from exc
         return capsule
+
+    def _started(self, capsule: Capsule, vm: VM) -> Capsule:
+        """Record a VM's pid the moment it exists; a VM that cannot be recorded is killed
+        (an unrecorded VM would run on with nobody to stop it)."""
+        self._vms[capsule.id] = vm
+        try:
+            return self.save(capsule.with_(pid=vm.pid))
+        except BaseException:
+            vm.kill()
+            self._vms.pop(capsule.id, None)
+            raise
+
+    def _write_metadata(self, capsule: Capsule) -> None:
+        """A copy of what the guest's metadata address serves, for people and `get`."""
+        path = self.layout.metadata_file(capsule.id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(metadata_json(capsule))
+        tmp.chmod(0o600)
+        tmp.rename(path)
+
+    async def _start_from(
+        self,
+        capsule: Capsule,
+        snapshot: SnapshotManifest,
+        disk: DiskFrom,
+        what: str,
+        token: str | None = None,
+    ) -> tuple[Capsule, dict[str, float]]:
+        """Run `capsule` from a snapshot: envd answers and has the capsule's identity.
+
+        `token` is the one envd holds in that snapshot (default: the capsule's own)."""
+        started = time.monotonic()
+        run_dir = self.layout.run_dir(capsule.id)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.layout.ensure_ram_dir()
+        await self.networks.ensure(capsule)
+        self._write_metadata(capsule)
+        config = self.vm_config(capsule)
+        with contextlib.suppress(OSError):
+            config.console_log.rename(config.console_log.with_suffix(".log.1"))
+        holder: list[Capsule] = []
+
+        def recorded(vm: VM) -> None:
+            holder.append(self._started(capsule, vm))
+
+        vm, timings = await snapshots.restore(
+            self.runtime(Path(capsule.image_dir)),
+            config,
+            snapshot,
+            disk,
+            what,
+            started=recorded,
+        )
+        capsule = holder[0]
+        async with self.envd(capsule, token=token or snapshot.envd_token) as envd:
+            await snapshots.bring_up(
+                vm, envd, capsule.memory_mib, init_body(capsule), RESUME_DEADLINE_S
+            )
+        timings["init"] = round(time.monotonic() - started, 3)
+        return capsule, timings
+
+    async def _create_from_template(
+        self,
+        template: Template,
+        memory_mib: int | None,
+        vcpus: int | None,
+        network: str | None,
+        auto_pause_s: int,
+    ) -> Capsule:
+        for asked, fixed, what in (
+            (memory_mib, template.memory_mib, "memory (MiB)"),
+            (vcpus, template.vcpus, "vCPUs"),
+            (network, template.network, "network mode"),
+        ):
+            if asked is not None and asked != fixed:
+                raise CapsuleError(
+                    f"template {template.name!r} was taken with {what} {fixed}; a capsule made "
+                    f"from it has the same (asked for {asked})"
+                )
+        snapshot = self.templates.snapshot(template)
+        runtime = self.runtime(Path(template.image_dir))
+        if runtime.accel != template.accel:
+            raise CapsuleError(
+                f"template {template.name!r} was taken under {template.accel}; this host runs "
+                f"{runtime.accel}"
+            )
+        capsule = self._new_capsule(
+            template.name,
+            Path(template.image_dir),
+            template.memory_mib,
+            template.vcpus,
+            template.network,
+            auto_pause_s,
+            runtime.accel,
+            init_token=snapshot.envd_token,
+        )
+        async with self.locks.hold(capsule.id):
+            # recorded under the template lock: `template rm` sees this capsule as a user
+            with self.templates.lock(shared=True):
+                if self.templates.user(template.name) is None:
+                    raise CapsuleError(f"template {template.name!r} was just removed")
+                capsule = await self._register(capsule)
+            self.event(
+                capsule.id,
+                "create",
+                f"from template {template.name} ({template.memory_mib} MiB, "
+                f"{template.vcpus} vCPU, {runtime.accel})",
+            )
+            started = time.monotonic()
+            try:
+                capsule, _ = await self._start_from(
+                    capsule,
+                    snapshot,
+                    DiskFrom(overlay_on=Path(template.path) / snapshots.DISK),
+                    f"template {template.name}",
+                )
+            except (SnapshotCorrupt, VMMError, EnvdError, OSError, CapsuleError) as exc:
+                await self._kill(capsule)
+                self.layout.cleanup_run_files(capsule.id)
+                reason = f"create from template {template.name} failed: {exc}"
+                self.event(capsule.id, "error", reason)
+                self.save(capsule.with_(state=State.ERROR, reason=reason, pid=None))
+                raise CapsuleError(reason) from exc
+            return self._running(capsule, started, f"started from template {template.name}", "warm")
 
     # -- pause ------------------------------------------------------------------------------
 
@@ -484,261 +506,355 @@ class CapsuleManager:
         """
         async with self.locks.hold(capsule_id):
             capsule = self.get(capsule_id)
-            if capsule.state != State.RUNNING:
-                raise IllegalTransition(f"cannot pause {capsule_id}: it is {capsule.state}")
+            require(capsule, Action.PAUSE)
             vm = self.vm(capsule)
             if vm is None:
                 raise CapsuleError(f"cannot pause {capsule_id}: its QEMU is not running")
-            capsule = self._save(capsule.with_(state=State.PAUSING))
+            capsule = self.save(capsule.with_(state=State.PAUSING))
+            started = time.monotonic()
+            generation = capsule.generation + 1
+            final = self.layout.generation(capsule.id, generation)
             try:
-                snapshot = await self._pause(capsule, vm, prepare)
+                manifest = await self._capture_generation(capsule, vm, final, prepare)
             except BaseException as exc:
-                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                    reason = (
-                        f"pause failed: no space left on the disk holding "
-                        f"{self.snapshot_dir(capsule_id)}; the capsule keeps running and its "
-                        f"last snapshot (generation {capsule.generation}) is untouched. "
-                        "Free some space and pause again"
-                    )
-                else:
-                    reason = f"pause failed: {exc}"
-                self._event(capsule_id, "error", reason)
+                reason = self._pause_failure(capsule, exc)
+                self.event(capsule_id, "error", reason)
                 alive = vm.alive()
-                self._save(
+                self.save(
                     capsule.with_(
                         state=State.RUNNING if alive else State.ERROR,
                         reason=reason,
                         pid=capsule.pid if alive else None,
                     )
                 )
-                if isinstance(exc, Exception):
+                if isinstance(exc, Exception) and not isinstance(exc, CapsuleError):
                     raise CapsuleError(reason) from exc
                 raise
-            return snapshot
-
-    async def _pause(self, capsule: Capsule, vm: QemuVM, prepare: bool) -> Snapshot:
-        started = time.monotonic()
-        ram_file = self.ram_file(capsule.id)
-        timings: dict[str, float] = {}
-        async with self.envd(capsule, timeout=30) as envd:
-            inflated = False
-            if prepare:
-                try:
-                    prepared = await envd.snapshot_prepare()
-                except EnvdError as exc:
-                    raise CapsuleError(f"envd could not prepare the snapshot: {exc}") from exc
-                timings["prepare"] = time.monotonic() - started
-                inflated = await inflate_balloon(vm, capsule.memory_mib, prepared)
-                if not inflated:
-                    await self._wait_free_page_reporting(ram_file)
-                timings["reclaim"] = time.monotonic() - started
-            generation = capsule.generation + 1
-            final = self._generation_path(capsule.id, generation)
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True, mode=0o700)
-            self.snapshot_dir(capsule.id).chmod(0o700)
-            stopped = False
+            # The generation is durable: from here the capsule is paused whatever else fails.
+            self._vms.pop(capsule.id, None)
             try:
-                async with vm.session():
-                    await vm.stop()
-                    stopped = True
-                    await vm.snapshot_create(tmp / "vmstate")
-                timings["device_state"] = time.monotonic() - started
-                ram = await asyncio.to_thread(sparse.sparse_copy, ram_file, tmp / "mem")
-                timings["ram_copy"] = time.monotonic() - started
-                disk_src = self.run_dir(capsule.id) / "disk.qcow2"
-                try:
-                    os.link(disk_src, tmp / "disk.qcow2")
-                    disk_sha = await asyncio.to_thread(sparse.sparse_checksum, tmp / "disk.qcow2")
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:  # snapshots on another filesystem
-                        raise
-                    disk = await asyncio.to_thread(sparse.sparse_copy, disk_src, tmp / "disk.qcow2")
-                    disk_sha = disk.sha256
-                state_sha = sha256_file(tmp / "vmstate")
-                snapshot = Snapshot(
-                    capsule_id=capsule.id,
-                    generation=generation,
-                    path=str(final),
-                    created_at=time.time(),
-                    ram_size=ram.size,
-                    ram_allocated=ram.allocated,
-                    ram_sha256=ram.sha256,
-                    disk_allocated=sparse.allocated_bytes(tmp / "disk.qcow2"),
-                    disk_sha256=disk_sha,
-                    state_size=(tmp / "vmstate").stat().st_size,
-                    state_sha256=state_sha,
-                    pause_seconds=0.0,
-                )
-                (tmp / "snapshot.json").write_text(json.dumps(snapshot.__dict__))
-                for name in ("vmstate", "disk.qcow2", "snapshot.json"):
-                    fsync_file(tmp / name)
-                sparse.fsync_dir(tmp)
-                tmp.rename(final)
-                sparse.fsync_dir(final.parent)
-                timings["durable"] = time.monotonic() - started
+                await vm.quit()
+            except Exception as exc:  # the snapshot is safe; a stuck QEMU is killed
+                self.event(capsule.id, "warning", f"QEMU did not quit cleanly: {exc}")
+                vm.kill()
+            return self._paused(capsule, manifest, generation, time.monotonic() - started)
+
+    async def _capture_generation(
+        self, capsule: Capsule, vm: VM, final: Path, prepare: bool
+    ) -> SnapshotManifest:
+        tmp = final.with_name(final.name + ".tmp")
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        final.parent.chmod(0o700)
+        shutil.rmtree(tmp, ignore_errors=True)
+        spec = CaptureSpec(
+            capsule.memory_mib, capsule.vcpus, capsule.network, capsule.accel, capsule.access_token
+        )
+        async with self.envd(capsule, timeout=30) as envd:
+            capture = await snapshots.capture(
+                vm,
+                envd,
+                tmp,
+                spec,
+                ram_file=self.layout.ram_file(capsule.id),
+                disk=self.layout.disk(capsule.id),
+                keep_running=False,
+                prepare=prepare,
+            )
+            try:
+                return snapshots.commit(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if stopped and vm.alive():
-                    with contextlib.suppress(VMMError):
-                        await vm.cont()
-                if inflated and vm.alive():
-                    with contextlib.suppress(VMMError):
-                        await vm.balloon_set(capsule.memory_mib << 20)
-                with contextlib.suppress(EnvdError):
-                    await envd.snapshot_abort()
+                await capture.resume_guest()
                 raise
-        # The generation is durable: from here the capsule is paused whatever else fails.
-        self._vms.pop(capsule.id, None)
-        try:
-            await vm.quit()
-        except Exception as exc:  # the snapshot is safe; a stuck QEMU is killed
-            self._event(capsule.id, "warning", f"QEMU did not quit cleanly: {exc}")
-            vm.kill()
-        pause_s = time.monotonic() - started
-        timings["quit"] = pause_s
-        snapshot = Snapshot(**{**snapshot.__dict__, "pause_seconds": pause_s})
-        self.store.put_snapshot(snapshot)
-        self._save(
-            capsule.with_(
-                state=State.PAUSED,
-                pid=None,
-                generation=generation,
-                reason="",
-                extra={
-                    **capsule.extra,
-                    "pause_timings": {k: round(v, 3) for k, v in timings.items()},
-                },
+
+    def _pause_failure(self, capsule: Capsule, exc: BaseException) -> str:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return (
+                f"pause failed: no space left on the disk holding "
+                f"{self.layout.snapshot_dir(capsule.id)}; the capsule keeps running and its "
+                f"last snapshot (generation {capsule.generation}) is untouched. "
+                "Free some space and pause again"
             )
+        return f"pause failed: {exc}"
+
+    def _paused(
+        self, capsule: Capsule, manifest: SnapshotManifest, generation: int, pause_s: float
+    ) -> Snapshot:
+        """Record a durable generation. If the state database fails here, the capsule is
+        still recorded as paused on a second try; failing that, it stays `pausing` with the
+        new generation on disk, which the next start reconciles to paused."""
+        snapshot = Snapshot(
+            capsule_id=capsule.id,
+            generation=generation,
+            path=manifest.path,
+            created_at=manifest.created_at,
+            ram_size=manifest.ram_size,
+            ram_allocated=manifest.ram_allocated,
+            ram_sha256=manifest.ram_sha256,
+            disk_allocated=manifest.disk_allocated,
+            disk_sha256=manifest.disk_sha256,
+            state_size=manifest.state_size,
+            state_sha256=manifest.state_sha256,
+            pause_seconds=pause_s,
         )
-        self._cleanup_run_files(capsule)
+        paused = capsule.with_(
+            state=State.PAUSED,
+            pid=None,
+            generation=generation,
+            reason="",
+            extra={**capsule.extra, "pause_timings": {**manifest.timings, "quit": pause_s}},
+        )
+        last: Exception | None = None
+        for _ in range(2):
+            try:
+                self.store.put_snapshot(snapshot)
+                self.save(paused)
+                last = None
+                break
+            except Exception as exc:
+                last = exc
+        if last is not None:
+            raise CapsuleError(
+                f"{capsule.id} was paused (generation {generation} is on disk) but the state "
+                f"database could not record it: {last}. Restart wrenn-tui to reconcile"
+            ) from last
+        self.layout.cleanup_run_files(capsule.id)
         for old in self.store.snapshots(capsule.id):
             if old.generation < generation:
-                shutil.rmtree(old.path, ignore_errors=True)
                 self.store.delete_snapshot(capsule.id, old.generation)
-        self._event(
+        self.layout.remove_generations_except(capsule.id, generation)
+        self.event(
             capsule.id,
             "paused",
-            f"generation {generation}: {snapshot.total_allocated / 2**20:.1f} MiB "
+            f"generation {generation}: {manifest.total_allocated / 2**20:.1f} MiB "
             f"in {pause_s:.2f} s",
         )
         return snapshot
-
-    async def _wait_free_page_reporting(self, ram_file: Path) -> None:
-        """Wait until the guest has handed the freed page cache back (RAM file shrinks)."""
-        started = time.monotonic()
-        last = sparse.allocated_bytes(ram_file)
-        last_change = started
-        while True:
-            await asyncio.sleep(0.1)
-            now = time.monotonic()
-            current = sparse.allocated_bytes(ram_file)
-            if current < last:
-                last, last_change = current, now
-            elapsed = now - started
-            if elapsed >= REPORTING_MAX_WAIT_S:
-                return
-            if elapsed >= REPORTING_MIN_WAIT_S and now - last_change >= REPORTING_SETTLE_S:
-                return
-
-    def _cleanup_run_files(self, capsule: Capsule) -> None:
-        self.ram_file(capsule.id).unlink(missing_ok=True)
-        run_dir = self.run_dir(capsule.id)
-        for name in ("disk.qcow2", "qmp.sock", "qemu.pid"):
-            (run_dir / name).unlink(missing_ok=True)
 
     # -- resume -----------------------------------------------------------------------------
 
     async def resume(self, capsule_id: str) -> Capsule:
         async with self.locks.hold(capsule_id):
             capsule = self.get(capsule_id)
-            if capsule.state != State.PAUSED:
-                raise IllegalTransition(f"cannot resume {capsule_id}: it is {capsule.state}")
-            snapshot = self._load_generation(capsule.id, capsule.generation)
+            require(capsule, Action.RESUME)
+            snapshot = SnapshotManifest.load(self.layout.generation(capsule.id, capsule.generation))
             if snapshot is None:
                 raise CapsuleError(
                     f"snapshot generation {capsule.generation} of {capsule_id} is missing"
                 )
+            if capsule.network == "none" and not port_is_free(capsule.host_port):
+                # another program took the forward's port while the capsule was paused
+                old = capsule.host_port
+                capsule = capsule.with_(host_port=free_port())
+                self.event(
+                    capsule.id, "port", f"port {old} is taken; envd now on {capsule.host_port}"
+                )
             started = time.monotonic()
-            capsule = self._save(capsule.with_(state=State.RESUMING))
+            capsule = self.save(
+                capsule.with_(
+                    state=State.RESUMING,
+                    extra={**capsule.extra, "init_token": snapshot.envd_token},
+                )
+            )
             try:
-                capsule = await self._resume(capsule, snapshot)
+                capsule, timings = await self._start_from(
+                    capsule, snapshot, DiskFrom(), f"generation {snapshot.directory.name}"
+                )
             except BaseException as exc:
                 await self._kill(capsule)
-                self._cleanup_run_files(capsule)
+                self.layout.cleanup_run_files(capsule.id)
                 reason = f"resume failed: {exc}"
-                self._event(capsule_id, "error", reason)
-                self._save(capsule.with_(state=State.PAUSED, pid=None, reason=reason))
+                if isinstance(exc, SnapshotCorrupt):
+                    reason += "; the capsule stays paused"
+                self.event(capsule_id, "error", reason)
+                self.save(capsule.with_(state=State.PAUSED, pid=None, reason=reason))
                 if isinstance(exc, CapsuleError):
-                    raise
+                    raise CapsuleError(reason) from exc
                 if isinstance(exc, Exception):
                     raise CapsuleError(reason) from exc
                 raise
             resume_s = time.monotonic() - started
-            self._event(
+            self.event(
                 capsule_id,
                 "running",
-                f"resumed generation {snapshot.generation} in {resume_s:.2f} s",
+                f"resumed generation {capsule.generation} in {resume_s:.2f} s",
             )
-            return self._save(capsule.with_(extra={**capsule.extra, "resume_s": resume_s}))
+            extra = {k: v for k, v in capsule.extra.items() if k != "init_token"}
+            return self.save(
+                capsule.with_(
+                    state=State.RUNNING,
+                    started_at=time.time(),
+                    reason="",
+                    last_activity=time.time(),
+                    extra={**extra, "resume_timings": timings, "resume_s": resume_s},
+                )
+            )
 
-    async def _restore_from(
-        self, capsule: Capsule, files: SnapshotFiles, what: str
-    ) -> tuple[Capsule, dict[str, float]]:
-        """Run `capsule` from copies of a snapshot's files; envd answers and is initialised."""
-        started = time.monotonic()
-        timings: dict[str, float] = {}
-        run_dir = self.run_dir(capsule.id)
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ram_file = self.ram_file(capsule.id)
-        await copy_disk(files, run_dir / "disk.qcow2", what)
-        await asyncio.to_thread(prepare_ram_file, files, ram_file)
-        if (
-            capsule.network == "internet"
-            and not Path(f"/run/netns/{self._netns(capsule).name}").exists()
-        ):
-            await self._ensure_netns(capsule)
-        timings["disk_copy"] = time.monotonic() - started
-        self._write_metadata(capsule)
-        runtime = self.runtime(Path(capsule.image_dir))
-        config = self.vm_config(capsule)
-        with contextlib.suppress(OSError):
-            config.console_log.rename(config.console_log.with_suffix(".log.1"))
-        # QEMU starts while the RAM file fills: it maps the file but touches no guest memory
-        # before the device state is loaded, which waits for the copy (and its checksum)
-        vm = await runtime.restore(
-            config, Path(files.path) / "vmstate", ready=copy_ram(files, ram_file, what)
+    # -- templates and fork -----------------------------------------------------------------
+
+    async def template_create(self, capsule_id: str, name: str) -> Template:
+        """Save a running or paused capsule as template `name`. A running capsule is stopped
+        only while its RAM and disk are copied; a paused one stays paused."""
+        self.templates.check_new_name(name)
+        async with self.locks.hold(capsule_id):
+            source = self.get(capsule_id)
+            require(source, Action.TEMPLATE)
+            with self.layout.work_dir("template") as work:
+                captured = await self._capture_for_copy(source, work / "capture")
+                out = work / name
+                out.mkdir(mode=0o700)
+                base = Path(source.image_dir) / "rootfs.ext4"
+                await flatten(captured.directory / snapshots.DISK, out / snapshots.DISK, base)
+                for part in (snapshots.RAM, snapshots.DEVICE_STATE):
+                    (captured.directory / part).rename(out / part)
+                disk_allocated = sparse.allocated_bytes(out / snapshots.DISK)
+                manifest = replace(
+                    captured,
+                    path=str(out),
+                    disk_allocated=disk_allocated,
+                    disk_sha256=await asyncio.to_thread(
+                        sparse.sparse_checksum, out / snapshots.DISK
+                    ),
+                )
+                manifest.write()
+                for part in (snapshots.DISK, snapshots.RAM, snapshots.DEVICE_STATE):
+                    (out / part).chmod(0o400)
+                    await asyncio.to_thread(sparse.fsync_file, out / part)
+                template = self.templates.install(
+                    out,
+                    Template(
+                        name=name,
+                        builtin=False,
+                        source=source.id,
+                        created_at=time.time(),
+                        image_dir=source.image_dir,
+                        memory_mib=source.memory_mib,
+                        vcpus=source.vcpus,
+                        network=source.network,
+                        accel=source.accel,
+                        allocated=manifest.total_allocated,
+                    ),
+                )
+            self.event(
+                source.id,
+                "template",
+                f"saved as template {name} ({manifest.total_allocated / 2**20:.1f} MiB)",
+            )
+            return template
+
+    async def template_remove(self, name: str) -> None:
+        self.templates.remove(name, lambda: self.template_users(name))
+
+    async def _capture_for_copy(self, source: Capsule, out: Path) -> SnapshotManifest:
+        """The source's state at one instant, in `out` (uncommitted): captured from its VM,
+        which keeps running, or copied from its latest generation if it is paused."""
+        if source.state == State.PAUSED:
+            generation = SnapshotManifest.load(self.layout.generation(source.id, source.generation))
+            if generation is None:
+                raise CapsuleError(
+                    f"snapshot generation {source.generation} of {source.id} is missing"
+                )
+            out.mkdir(mode=0o700)
+            for part in (snapshots.RAM, snapshots.DISK):
+                await asyncio.to_thread(
+                    sparse.sparse_copy, generation.directory / part, out / part, fsync=False
+                )
+            shutil.copyfile(generation.directory / snapshots.DEVICE_STATE, out / "vmstate")
+            manifest = replace(generation, path=str(out))
+            manifest.write()
+            return manifest
+        vm = self.vm(source)
+        if vm is None:
+            raise CapsuleError(f"cannot capture {source.id}: its QEMU is not running")
+        spec = CaptureSpec(
+            source.memory_mib, source.vcpus, source.network, source.accel, source.access_token
         )
-        timings["restore"] = time.monotonic() - started
-        self._vms[capsule.id] = vm
-        capsule = self._save(capsule.with_(pid=vm.pid))
-        async with self.envd(capsule) as envd:
-            await envd.wait_healthy(RESUME_DEADLINE_S, vm.alive)
-            timings["health"] = time.monotonic() - started
-            # snapshots are taken with the balloon inflated: give the guest its RAM back, while
-            # envd takes its identity, clock and entropy
-            await asyncio.gather(
-                vm.balloon_set(capsule.memory_mib << 20), envd.init(**self._init_body(capsule))
-            )
-            timings["init"] = time.monotonic() - started
-        return capsule, {k: round(v, 3) for k, v in timings.items()}
-
-    async def _resume(self, capsule: Capsule, snapshot: Snapshot) -> Capsule:
+        self.save(source.with_(extra={**source.extra, "capturing": True}))
         try:
-            capsule, timings = await self._restore_from(
-                capsule, snapshot, f"generation {snapshot.generation}"
-            )
-        except SnapshotCorrupt as exc:
-            raise SnapshotCorrupt(f"{exc}; the capsule stays paused") from exc
-        extra = {**capsule.extra, "resume_timings": timings}
-        return capsule.with_(
-            extra=extra,
-            state=State.RUNNING,
-            started_at=time.time(),
-            reason="",
-            last_activity=time.time(),
+            async with self.envd(source, timeout=30) as envd:
+                capture = await snapshots.capture(
+                    vm,
+                    envd,
+                    out,
+                    spec,
+                    ram_file=self.layout.ram_file(source.id),
+                    disk=self.layout.disk(source.id),
+                    keep_running=True,
+                )
+        finally:
+            current = self.store.get(source.id)
+            if current is not None:
+                extra = {k: v for k, v in current.extra.items() if k != "capturing"}
+                self.save(current.with_(extra=extra))
+        self.event(
+            source.id,
+            "capture",
+            f"captured at one instant (vCPUs stopped {capture.stopped_s * 1000:.0f} ms)",
         )
+        return capture.manifest
+
+    async def fork(self, capsule_id: str, count: int = 1) -> list[Capsule]:
+        """`count` new capsules, each with the source's memory and disk at one instant; the
+        source keeps running (or stays paused). All start, or none is left."""
+        if not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+            raise CapsuleError(f"fork count must be 1..{MAX_FORK}, not {count!r}")
+        async with self.locks.hold(capsule_id):
+            source = self.get(capsule_id)
+            require(source, Action.FORK)
+            with self.layout.work_dir("fork") as work:
+                captured = await self._capture_for_copy(source, work / "capture")
+                clones = []
+                for _ in range(count):
+                    clone = self._new_capsule(
+                        source.template,
+                        Path(source.image_dir),
+                        source.memory_mib,
+                        source.vcpus,
+                        source.network,
+                        source.auto_pause_s,
+                        source.accel,
+                        fork_of=source.id,
+                        init_token=source.access_token,
+                    )
+                    clones.append(clone)
+                started = time.monotonic()
+                results = await asyncio.gather(
+                    *(self._start_clone(c, captured, source) for c in clones),
+                    return_exceptions=True,
+                )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            made = [r for r in results if isinstance(r, Capsule)]
+            if failures:
+                for clone in clones:
+                    with contextlib.suppress(CapsuleError):
+                        await self.destroy(clone.id)
+                first = failures[0]
+                raise CapsuleError(
+                    f"fork of {source.id} failed ({len(failures)} of {count} clones): {first}"
+                ) from (first if isinstance(first, Exception) else None)
+            self.event(
+                source.id,
+                "fork",
+                f"{count} clone(s) in {time.monotonic() - started:.2f} s: "
+                + ", ".join(c.id for c in made),
+            )
+            return made
+
+    async def _start_clone(
+        self, clone: Capsule, captured: SnapshotManifest, source: Capsule
+    ) -> Capsule:
+        async with self.locks.hold(clone.id):
+            clone = await self._register(clone)
+            self.event(clone.id, "create", f"fork of {source.id}")
+            started = time.monotonic()
+            clone, _ = await self._start_from(
+                clone,
+                captured,
+                DiskFrom(),
+                f"the capture of {source.id}",
+                token=source.access_token,
+            )
+            return self._running(clone, started, f"forked from {source.id}", "fork")
 
     # -- destroy ----------------------------------------------------------------------------
 
@@ -746,13 +862,10 @@ class CapsuleManager:
         async with self.locks.hold(capsule_id):
             capsule = self.get(capsule_id)
             await self._kill(capsule)
-            self._cleanup_run_files(capsule)
-            shutil.rmtree(self.run_dir(capsule_id), ignore_errors=True)
-            shutil.rmtree(self.snapshot_dir(capsule_id), ignore_errors=True)
-            if capsule.network == "internet" and capsule.net_slot is not None:
-                await asyncio.to_thread(net.teardown_netns, self._netns(capsule))
+            self.layout.remove(capsule_id)
+            await self.networks.teardown(capsule)
             self.store.delete(capsule_id)
-            self._event(capsule_id, "destroy", "destroyed")
+            self.event(capsule_id, "destroy", "destroyed")
             self._vms.pop(capsule_id, None)
         self.locks.remove(capsule_id)
 
@@ -767,8 +880,7 @@ class CapsuleManager:
 
     async def exec(self, capsule_id: str, cmd: str, timeout: float = 60.0) -> ExecResult:
         capsule = self.get(capsule_id)
-        if capsule.state != State.RUNNING:
-            raise IllegalTransition(f"cannot exec in {capsule_id}: it is {capsule.state}")
+        require(capsule, Action.EXEC)
         self.touch(capsule_id)
         async with self.envd(capsule, timeout=timeout + 10) as envd:
             try:
@@ -777,47 +889,13 @@ class CapsuleManager:
                 raise CapsuleError(f"exec in {capsule_id} failed: {exc}") from exc
 
     def touch(self, capsule_id: str) -> None:
-        """Record activity (exec, PTY input): resets the auto-pause timer."""
-        capsule = self.store.get(capsule_id)
-        if capsule is not None and capsule.state == State.RUNNING:
-            self.store.put(capsule.with_(last_activity=time.time()))
+        """Record activity (exec, PTY input): resets the auto-pause timer. One conditional
+        update: it never writes over a state another operation committed meanwhile."""
+        self.store.touch(capsule_id, time.time())
 
-    # -- generations on disk ----------------------------------------------------------------
 
-    def _generation_path(self, capsule_id: str, generation: int) -> Path:
-        return self.snapshot_dir(capsule_id) / f"gen-{generation:06d}"
-
-    def _generation_dir(self, capsule: Capsule, generation: int) -> Path | None:
-        path = self._generation_path(capsule.id, generation)
-        return path if (path / "snapshot.json").is_file() else None
-
-    def _load_generation(self, capsule_id: str, generation: int) -> Snapshot | None:
-        path = self._generation_path(capsule_id, generation)
-        try:
-            raw = json.loads((path / "snapshot.json").read_text())
-            return Snapshot(**{**raw, "path": str(path)})
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def _latest_generation_on_disk(self, capsule_id: str) -> int:
-        latest = 0
-        directory = self.snapshot_dir(capsule_id)
-        if directory.is_dir():
-            for path in directory.glob("gen-*"):
-                if path.suffix != ".tmp" and (path / "snapshot.json").is_file():
-                    with contextlib.suppress(ValueError):
-                        latest = max(latest, int(path.name.removeprefix("gen-")))
-        return latest
-
-    def _remove_tmp_generations(self, capsule_id: str) -> None:
-        directory = self.snapshot_dir(capsule_id)
-        if directory.is_dir():
-            for path in directory.glob("gen-*.tmp"):
-                shutil.rmtree(path, ignore_errors=True)
-
-    def _vmm_log_tail(self, capsule: Capsule) -> str:
-        try:
-            text = (self.run_dir(capsule.id) / "qemu.log").read_text(errors="replace").strip()
-        except OSError:
-            text = ""
-        return f"QEMU log: {text[-300:]}" if text else "see the console log"
+def _check_size(memory_mib: int, vcpus: int) -> None:
+    if not 64 <= memory_mib <= 65536:
+        raise CapsuleError(f"memory must be 64..65536 MiB, not {memory_mib}")
+    if not 1 <= vcpus <= 64:
+        raise CapsuleError(f"vCPUs must be 1..64, not {vcpus}")

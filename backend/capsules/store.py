@@ -101,6 +101,23 @@ class Store:
             (capsule.id, self._encode(capsule), capsule.state.value, time.time()),
         )
 
+    def touch(self, capsule_id: str, when: float) -> bool:
+        """Set a running capsule's last activity, in one transaction with reading its state:
+        a state another process committed meanwhile (a pause) is never written over."""
+        with self.transaction() as db:
+            row = db.execute("SELECT data FROM capsules WHERE id = ?", (capsule_id,)).fetchone()
+            if row is None:
+                return False
+            capsule = self._decode(row[0])
+            if capsule.state != State.RUNNING:
+                return False
+            touched = capsule.with_(last_activity=when)
+            db.execute(
+                "UPDATE capsules SET data = ?, updated_at = ? WHERE id = ?",
+                (self._encode(touched), time.time(), capsule_id),
+            )
+        return True
+
     def get(self, capsule_id: str) -> Capsule | None:
         row = self._db.execute("SELECT data FROM capsules WHERE id = ?", (capsule_id,)).fetchone()
         return self._decode(row[0]) if row else None

@@ -1,11 +1,15 @@
-"""The runtime interface the capsule manager drives.
+"""The runtime interface the capsule layer is written against: one VMM process per capsule.
 
-The operations are named after what the VMM does (QMP `stop`/`cont`, Firecracker's
-`snapshot_create`), so that a Firecracker runtime can be added beside QEMU later.
+Operations are named after what the VMM does (QMP's `stop`/`cont`, Firecracker's
+`snapshot_create`, `balloon`), so that a reader who knows the VMM recognises every call.
+QEMU (backend/runtime/qemu.py) is one implementation; a Firecracker driver would be another,
+and the tests drive the capsule layer's failure paths through a fake one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +19,24 @@ from backend.envd.protocol import ENVD_PORT
 
 class VMMError(Exception):
     """A VMM operation failed; the message says which and why."""
+
+
+class VMMCommandError(VMMError):
+    """The VMM answered a command with an error (QMP's error class and description kept)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command} failed: {desc} ({error_class})")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class VMMGone(VMMError):
+    """The VMM process exited, or its control socket cannot be reached."""
+
+
+class MigrationFailed(VMMError):
+    """Saving or loading device state failed or timed out."""
 
 
 @dataclass(frozen=True)
@@ -28,11 +50,12 @@ class VMConfig:
     disk: Path
     """The capsule's own qcow2 overlay."""
     ram_file: Path
-    """Guest RAM lives in this file (under /dev/shm) so it can be saved without migration."""
+    """Guest RAM lives in this file (in the agent's private shm dir) so that a snapshot can
+    copy it without migrating it."""
     memory_mib: int
     vcpus: int
     host_port: int
-    """127.0.0.1 port forwarded to envd inside the guest."""
+    """Port forwarded to envd inside the guest (on `forward_host`)."""
     metadata_json: str
     """Served to the guest at the metadata address (see backend/runtime/qemu.py)."""
     accel: str = "tcg"
@@ -41,7 +64,7 @@ class VMConfig:
     """"none": the guest reaches nothing but its port forward and the metadata address;
     "internet": outbound NAT, never to the host's own addresses (backend/runtime/network.py)."""
     netns: str | None = None
-    """Network namespace QEMU runs in (internet mode)."""
+    """Network namespace the VMM runs in (internet mode)."""
     forward_host: str = "127.0.0.1"
     """Address envd's port forward listens on (the namespace's veth address with a netns)."""
     extra_append: tuple[str, ...] = field(default_factory=tuple)
@@ -76,44 +99,79 @@ class BalloonStats:
 
 
 class VM(Protocol):
-    """One running VMM process."""
+    """One running VMM process.
 
-    config: VMConfig
+    The control connection is opened per operation (the dashboard and a CLI process may both
+    drive one capsule); `session()` holds one connection over a sequence of commands, and any
+    command outside a session opens its own.
+    """
+
+    @property
+    def config(self) -> VMConfig: ...
 
     @property
     def pid(self) -> int: ...
 
     def alive(self) -> bool: ...
 
+    def session(self) -> AbstractAsyncContextManager[VM]: ...
+
+    async def is_running(self) -> bool:
+        """True when the vCPUs run (False: stopped, e.g. left so by an interrupted save)."""
+        ...
+
     async def stop(self) -> None:
-        """Pause the vCPUs (QMP `stop`)."""
+        """Pause the vCPUs (QMP `stop`); returns once they are stopped and disks flushed."""
+        ...
 
     async def cont(self) -> None:
-        """Resume the vCPUs (QMP `cont`)."""
+        """Resume the vCPUs (QMP `cont`), also after a completed save."""
+        ...
 
     async def snapshot_create(self, device_state: Path) -> None:
-        """Save the device state (RAM stays in the RAM file) of a stopped VM."""
+        """Save the device state of a stopped VM (RAM stays in the RAM file)."""
+        ...
 
     async def balloon_stats(self) -> BalloonStats: ...
 
     async def balloon_actual(self) -> int:
         """The guest's memory size now (RAM minus the balloon), bytes."""
+        ...
 
     async def balloon_set(self, target_bytes: int) -> None:
         """Inflate or deflate the balloon towards a guest memory size."""
+        ...
 
     async def quit(self) -> None:
         """Ask the VMM to exit, kill it if it does not."""
+        ...
+
+    def kill(self) -> None: ...
+
+    async def wait_exit(self, timeout: float) -> bool:
+        """Wait for the process to end; False if it is still there after `timeout`."""
+        ...
 
 
 class Runtime(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def accel(self) -> str: ...
 
     async def create(self, config: VMConfig) -> VM:
         """Boot a new VM."""
+        ...
 
-    async def restore(self, config: VMConfig, device_state: Path) -> VM:
-        """Start a VM from a RAM file already in place and a saved device state; running."""
+    async def restore(
+        self, config: VMConfig, device_state: Path, ready: Awaitable[None] | None = None
+    ) -> VM:
+        """Start a VM from the RAM file and a saved device state, and run it. `ready` (the
+        RAM file still being filled) runs meanwhile; the state is loaded after it succeeds."""
+        ...
 
-    async def adopt(self, config: VMConfig, pid: int) -> VM:
-        """Reattach to a VM started by an earlier agent; raises if it is not that VM."""
+    def attach(self, config: VMConfig, pid: int | None) -> VM | None:
+        """The VM an earlier agent (or another process) started for `config`, or None when
+        `pid` is not that VM any more (exited, or the pid was reused)."""
+        ...

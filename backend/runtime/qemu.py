@@ -24,16 +24,22 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from backend.runtime.accel import QEMU_BINARY
-from backend.runtime.base import BalloonStats, VMConfig, VMMError
+from backend.runtime.base import (
+    BalloonStats,
+    MigrationFailed,
+    VMConfig,
+    VMMCommandError,
+    VMMError,
+    VMMGone,
+)
 
 METADATA_ADDRESS = "10.0.2.100"
 METADATA_PORT = 80
@@ -54,13 +60,6 @@ def host_tsc_khz() -> int:
             if line.startswith("cpu MHz"):
                 return int(float(line.split(":")[1]) * 1000)
     return 2_000_000
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
@@ -152,17 +151,26 @@ def pid_is_vm(pid: int, config: VMConfig) -> bool:
 
 
 class QemuVM:
-    """One QEMU process. QMP accepts one client at a time, and the dashboard and the CLI may
-    both drive a capsule, so a connection is opened per operation (`session`), never held."""
+    """One QEMU process (implements backend.runtime.base.VM). QMP accepts one client at a
+    time, and the dashboard and the CLI may both drive a capsule, so a connection is opened
+    per operation (`session`), never held."""
 
     def __init__(
         self, config: VMConfig, pid: int, process: subprocess.Popen[bytes] | None = None
     ) -> None:
-        self.config = config
+        self._config = config
         self._pid = pid
         self._process = process
         self._qmp: QMPClient | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def config(self) -> VMConfig:
+        return self._config
+
+    @property
+    def pid(self) -> int:
+        return self._pid
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[QemuVM]:
@@ -176,10 +184,6 @@ class QemuVM:
                 with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
                     await asyncio.wait_for(qmp.disconnect(), 5)
 
-    @property
-    def pid(self) -> int:
-        return self._pid
-
     def alive(self) -> bool:
         if self._process is not None:
             return self._process.poll() is None
@@ -192,13 +196,17 @@ class QemuVM:
                 return await self.execute(command, arguments)
         try:
             return await asyncio.wait_for(self._qmp.execute(command, arguments), 30)
-        except (TimeoutError, QMPError, OSError) as exc:
-            raise VMMError(f"QMP {command} failed: {exc}") from exc
+        except ExecuteError as exc:
+            raise VMMCommandError(command, exc.error_class, str(exc)) from exc
+        except TimeoutError as exc:
+            raise VMMError(f"QMP {command} got no answer within 30 s") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise VMMGone(f"QMP {command} failed: QEMU went away ({exc})") from exc
 
-    async def status(self) -> str:
+    async def is_running(self) -> bool:
         result = await self.execute("query-status")
         assert isinstance(result, dict)
-        return str(result["status"])
+        return bool(result.get("running"))
 
     async def stop(self) -> None:
         await self.execute("stop")
@@ -211,42 +219,60 @@ class QemuVM:
         if self._qmp is None:
             async with self.session():
                 return await self.snapshot_create(device_state)
-        await self.ignore_shared_memory()
+        await self.set_migration_capabilities()
         await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
         fd = os.open(device_state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             await self.pass_fd(fd, MIGRATION_FD)
         finally:
             os.close(fd)
-        await self.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
-        await self.wait_migration("saving device state")
+        await self.migrate("migrate", {"uri": f"fd:{MIGRATION_FD}"}, "saving device state")
 
-    async def ignore_shared_memory(self) -> None:
-        """Migrate device state only: guest RAM is the shared file, copied by the agent."""
+    async def set_migration_capabilities(self) -> None:
+        """Device state only (guest RAM is the shared file, copied by the agent), and MIGRATION
+        events to wait on instead of polling."""
         await self.execute(
             "migrate-set-capabilities",
-            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+            {
+                "capabilities": [
+                    {"capability": "x-ignore-shared", "state": True},
+                    {"capability": "events", "state": True},
+                ]
+            },
         )
 
-    async def wait_migration(self, what: str, timeout: float = 60.0) -> None:
-        """Poll `query-migrate` (either direction) until it completes; raise if it fails, the
-        VMM dies or it takes longer than `timeout`."""
+    async def migrate(
+        self, command: str, arguments: dict[str, object], what: str, timeout: float = 60.0
+    ) -> None:
+        """Start a migration in either direction and wait for its MIGRATION event saying it
+        completed; MigrationFailed if it fails, QEMU dies or it takes over `timeout`."""
+        assert self._qmp is not None, "migrate needs a session"
         deadline = time.monotonic() + timeout
-        while True:
-            info = await self.execute("query-migrate")
-            assert isinstance(info, dict)
-            status = info.get("status")
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled") or not self.alive():
-                raise VMMError(
-                    f"{what} failed: {info.get('error-desc', status)} {_vmm_log_tail(self.config)}"
-                )
-            if time.monotonic() > deadline:
-                with contextlib.suppress(VMMError):
-                    await self.execute("migrate_cancel")
-                raise VMMError(f"{what} timed out")
-            await asyncio.sleep(0.005)
+        with self._qmp.listener("MIGRATION") as events:
+            await self.execute(command, arguments)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    with contextlib.suppress(VMMError):
+                        await self.execute("migrate_cancel")
+                    raise MigrationFailed(f"{what} timed out after {timeout:.0f} s")
+                try:
+                    event = await asyncio.wait_for(events.get(), min(remaining, 0.5))
+                    data = event["data"]
+                    status = data.get("status") if isinstance(data, dict) else None
+                except TimeoutError:
+                    # No event for a while: make sure QEMU is still there to send one.
+                    if not self.alive():
+                        raise MigrationFailed(
+                            f"{what} failed: QEMU exited {_vmm_log_tail(self.config)}"
+                        ) from None
+                    continue
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled"):
+                    info = await self.execute("query-migrate")
+                    desc = info.get("error-desc", status) if isinstance(info, dict) else status
+                    raise MigrationFailed(f"{what} failed: {desc} {_vmm_log_tail(self.config)}")
 
     async def pass_fd(self, fd: int, name: str) -> None:
         """Hand QEMU an open file descriptor under `name` (QMP `getfd`)."""
@@ -254,7 +280,7 @@ class QemuVM:
         try:
             self._qmp.send_fd_scm(fd)
         except (QMPError, OSError) as exc:
-            raise VMMError(f"passing a file descriptor to QEMU failed: {exc}") from exc
+            raise VMMGone(f"passing a file descriptor to QEMU failed: {exc}") from exc
         await self.execute("getfd", {"fdname": name})
 
     async def balloon_stats(self) -> BalloonStats:
@@ -304,14 +330,35 @@ class QemuVM:
             os.kill(self._pid, signal.SIGKILL)
 
     async def wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.01)
+        if self.alive():
+            await _wait_pid(self._pid, timeout)
+        if self.alive():
+            return False
         if self._process is not None:
             self._process.wait()
         return True
+
+
+async def _wait_pid(pid: int, timeout: float) -> None:
+    """Wait until `pid` exits (or `timeout` passes), woken by a pidfd instead of polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(exited, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 async def _connect_qmp(config: VMConfig, is_alive: Callable[[], bool], timeout: float) -> QMPClient:
@@ -328,7 +375,7 @@ async def _connect_qmp(config: VMConfig, is_alive: Callable[[], bool], timeout: 
             except (TimeoutError, QMPError, OSError) as exc:
                 last = exc
         await asyncio.sleep(0.02)
-    raise VMMError(f"cannot connect to QEMU's QMP socket {config.qmp_socket}: {last or 'exited'}")
+    raise VMMGone(f"cannot connect to QEMU's QMP socket {config.qmp_socket}: {last or 'exited'}")
 
 
 def _vmm_log_tail(config: VMConfig) -> str:
@@ -339,6 +386,8 @@ def _vmm_log_tail(config: VMConfig) -> str:
 
 
 class QemuRuntime:
+    """Implements backend.runtime.base.Runtime with QEMU's microvm machine."""
+
     name = "qemu"
 
     def __init__(self, accel: str) -> None:
@@ -422,20 +471,18 @@ class QemuRuntime:
         return vm
 
     async def _incoming(self, vm: QemuVM, device_state: Path) -> None:
-        await vm.ignore_shared_memory()
+        await vm.set_migration_capabilities()
         fd = os.open(device_state, os.O_RDONLY)
         try:
             await vm.pass_fd(fd, MIGRATION_FD)
         finally:
             os.close(fd)
-        await vm.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
-        await vm.wait_migration("restoring device state")
+        await vm.migrate(
+            "migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"}, "restoring device state"
+        )
         await vm.cont()
 
-    async def adopt(self, config: VMConfig, pid: int) -> QemuVM:
-        if not pid_is_vm(pid, config):
-            raise VMMError(f"pid {pid} is not the QEMU of {config.capsule_id}")
-        vm = QemuVM(config, pid)
-        async with vm.session():
-            await vm.execute("query-status")
-        return vm
+    def attach(self, config: VMConfig, pid: int | None) -> QemuVM | None:
+        if pid is None or not pid_is_vm(pid, config):
+            return None
+        return QemuVM(config, pid)

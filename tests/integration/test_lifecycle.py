@@ -17,6 +17,7 @@ import pytest
 from backend.capsules.errors import CapsuleError, CapsuleNotFound, IllegalTransition
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
+from backend.capsules.watchdog import Watchdog
 from backend.config import Paths
 from backend.sparse import sparse_checksum
 from tests.integration.conftest import sh
@@ -37,7 +38,7 @@ async def test_twenty_pause_resume_cycles_lose_no_write(manager: CapsuleManager)
     files = await sh(manager, capsule.id, "for i in $(seq 0 19); do cat /root/file-$i; done")
     assert files.split() == [str(i) for i in range(20)]
     # only the latest generation is kept on disk
-    generations = sorted(p.name for p in manager.snapshot_dir(capsule.id).iterdir())
+    generations = sorted(p.name for p in manager.layout.snapshot_dir(capsule.id).iterdir())
     assert generations == ["gen-000020"]
 
 
@@ -99,7 +100,7 @@ async def test_killed_qemu_shows_error_and_destroy_cleans_up(manager: CapsuleMan
     os.kill(capsule.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while manager.get(capsule.id).state != State.ERROR:
-        await manager.check_health()
+        await Watchdog(manager).check()
         assert time.monotonic() < deadline, "the dead VM was never noticed"
         await asyncio.sleep(0.2)
     broken = manager.get(capsule.id)
@@ -107,8 +108,8 @@ async def test_killed_qemu_shows_error_and_destroy_cleans_up(manager: CapsuleMan
     with pytest.raises(IllegalTransition):
         await manager.pause(capsule.id)
     await manager.destroy(capsule.id)
-    assert not manager.run_dir(capsule.id).exists()
-    assert not manager.ram_file(capsule.id).exists()
+    assert not manager.layout.run_dir(capsule.id).exists()
+    assert not manager.layout.ram_file(capsule.id).exists()
     with pytest.raises(CapsuleNotFound):
         manager.get(capsule.id)
 
@@ -176,7 +177,7 @@ async def test_tampered_snapshot_is_refused_and_bad_transitions_are_clear(
     with pytest.raises(CapsuleError, match="checksum"):
         await manager.resume(capsule.id)
     assert manager.get(capsule.id).state == State.PAUSED
-    assert not manager.ram_file(capsule.id).exists()
+    assert not manager.layout.ram_file(capsule.id).exists()
     await manager.destroy(capsule.id)
     with pytest.raises(CapsuleNotFound):
         await manager.destroy(capsule.id)

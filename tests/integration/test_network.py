@@ -180,9 +180,9 @@ async def test_internet_mode_leaves_only_through_nat(
         other = await manager.create()
         capsule = await manager.create(network="internet")
         neighbour = await manager.create(network="internet")
-        assert net.rules_active(manager.net_scope)
+        assert net.rules_active(manager.networks.scope)
         assert capsule.envd_host != "127.0.0.1"
-        gateway = net.netns_for(manager.net_scope, capsule.id, capsule.net_slot or 0).host_ip
+        gateway = net.netns_for(manager.networks.scope, capsule.id, capsule.net_slot or 0).host_ip
         verdicts = await probe(
             manager,
             capsule.id,
@@ -229,7 +229,7 @@ async def test_leftovers_of_a_crashed_agent_are_removed_at_start(
     if internet_unavailable_reason() is not None:
         pytest.fail(f"the internet mode is unavailable: {internet_unavailable_reason()}")
     # what a crashed agent leaves: a namespace and veth of a capsule no longer known, and rules
-    scope = manager.net_scope
+    scope = manager.networks.scope
     leftover = net.netns_for(scope, "cl-leftover0000", net.free_slot(set()))
     net.setup_netns(scope, leftover)
     # another agent's (another state dir's) namespace must survive this agent's clean-up

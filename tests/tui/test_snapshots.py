@@ -90,8 +90,8 @@ def frozen_app(tui_paths: Paths, utc: None) -> Iterator[WrennApp]:
         disk_caches=60 * MIB,
         last_update=None,
     )
-    (manager.run_dir(web.id)).mkdir(parents=True)
-    (manager.run_dir(web.id) / "console.log").write_text(
+    (manager.layout.run_dir(web.id)).mkdir(parents=True)
+    (manager.layout.run_dir(web.id) / "console.log").write_text(
         "[    0.000000] Linux version 6.1.0-28-cloud-amd64\r\n"
         "wrenn-init: mounting /proc /sys /dev\r\n"
         "wrenn-init: envd started (pid 112)\r\n"

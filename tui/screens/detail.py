@@ -95,7 +95,7 @@ class DetailScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.sub_title = self.capsule_id
-        self.console = ConsoleTail(self.wrenn.manager.run_dir(self.capsule_id) / "console.log")
+        self.console = ConsoleTail(self.wrenn.manager.layout.console_log(self.capsule_id))
         self.query_one("#snapshots", DataTable).add_columns(
             "gen", "RAM", "disk", "state", "total", "pause", "taken"
         )

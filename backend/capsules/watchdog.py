@@ -1,0 +1,56 @@
+"""The watchdog: notices VMs that died under a running capsule, and pauses idle capsules
+whose auto-pause time has passed. Once a second, never overlapping itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from backend.capsules.errors import CapsuleError
+from backend.capsules.models import State
+
+if TYPE_CHECKING:
+    from backend.capsules.manager import CapsuleManager
+
+log = logging.getLogger("wrenn.watchdog")
+
+INTERVAL_S = 1.0
+
+
+class Watchdog:
+    def __init__(self, manager: CapsuleManager) -> None:
+        self.m = manager
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(INTERVAL_S)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("the watchdog's check failed; trying again in %.0f s", INTERVAL_S)
+
+    async def check(self) -> None:
+        now = time.time()
+        for capsule in self.m.store.list_capsules():
+            if capsule.state != State.RUNNING or self.m.locks.busy(capsule.id):
+                continue
+            if not self.m.vm_alive(capsule):
+                await self._vm_died(capsule.id)
+            elif capsule.auto_pause_s > 0 and now - capsule.last_activity > capsule.auto_pause_s:
+                self.m.event(capsule.id, "auto-pause", f"idle for {capsule.auto_pause_s} s")
+                try:
+                    await self.m.pause(capsule.id)
+                except CapsuleError as exc:
+                    log.warning("auto-pause of %s failed: %s", capsule.id, exc)
+
+    async def _vm_died(self, capsule_id: str) -> None:
+        async with self.m.locks.hold(capsule_id):
+            current = self.m.store.get(capsule_id)
+            if current is None or current.state != State.RUNNING or self.m.vm_alive(current):
+                return
+            reason = f"QEMU exited unexpectedly; {self.m.vmm_log_tail(current)}"
+            self.m.event(current.id, "error", reason)
+            self.m.forget_vm(current.id)
+            self.m.save(current.with_(state=State.ERROR, reason=reason, pid=None))
