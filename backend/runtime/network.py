@@ -7,13 +7,13 @@ every local service (the agent's API, other capsules' envd forwards), so:
 none      (default) `restrict=on`: slirp routes no guest packet anywhere. The host's 127.0.0.1
           port forward to envd and the metadata address (a `guestfwd` command) still work.
           Needs nothing.
-internet  QEMU runs in its own network namespace `wn-<id>`, linked to the host by a veth pair
-          (host 10.201.a.b/30 <-> namespace +1), with `restrict=off`. The guest's gateway is
-          then the namespace's own empty loopback; envd's forward listens on the namespace's
-          veth address, reachable only from the host. nftables table `inet wrenn` drops new
-          connections from any capsule veth to the host itself (input) and to other capsules
-          (forward), and masquerades the rest out of the host's default route. Needs root,
-          iproute2, nftables, and it turns on IPv4 forwarding.
+internet  QEMU runs in its own network namespace `wn-<scope>-<id>`, linked to the host by a
+          veth pair (`wh<scope><id>` 10.201.a.b/30 on the host, `wc<scope><id>` = +1 inside),
+          with `restrict=off`. The guest's gateway is then the namespace's own empty loopback;
+          envd's forward listens on the namespace's veth address, reachable only from the host.
+          nftables table `inet wrenn_<scope>` drops new connections from any capsule veth to
+          the host itself (input) and to other capsules (forward), and masquerades the rest out
+          of the host's default route. Needs root, iproute2, nftables; turns on IPv4 forwarding.
 Host state (namespaces, veths, the table) is removed by the agent when no live capsule needs it,
 at start after a crash included. Every name carries a tag of the agent's state dir (its scope),
 so agents with different state dirs on one host (tests do this) never remove each other's.
