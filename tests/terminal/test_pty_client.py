@@ -14,8 +14,8 @@ from backend.pty_client import (
     Exited,
     Output,
     PtyClient,
-    PtyError,
     PtyEvent,
+    RequestFailed,
     StateChanged,
 )
 from tests.terminal.conftest import SHELL, PausableProxy, new_capsule_id
@@ -150,6 +150,6 @@ async def test_an_unreachable_envd_is_reported_and_retried_until_it_answers(
 async def test_refused_start_is_an_error_not_a_retry_loop(envd_url: str) -> None:
     async with recorded(envd_url, cmd="/no/such/shell", args=None) as rec:
         await rec.until(lambda: rec.client.state == ConnectionState.CLOSED, what="closed")
-        errors = rec.of(PtyError)
-        assert errors and isinstance(errors[0], PtyError)
+        errors = rec.of(RequestFailed)
+        assert errors and isinstance(errors[0], RequestFailed)
         assert errors[0].code == "command_not_found"
