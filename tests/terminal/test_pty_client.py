@@ -130,9 +130,10 @@ async def test_paused_capsule_waits_then_reattaches_to_the_same_shell(
         rec.client.set_paused(False)
         await rec.until(lambda: len(rec.of(Attached)) == 2, timeout=5, what="reattached")
         assert rec.client.connected and rec.client.pid == pid
-        await rec.client.send_input("echo X=$X\r")
-        await rec.text("X=survives-pause")
-        assert re.search(r"(?<!echo )typed-while-paused", rec.output)
+        # "$X-end" is not expanded in the echoed command line: this waits for the shell's answer
+        await rec.client.send_input("echo X=$X-end\r")
+        await rec.text("X=survives-pause-end")
+        assert re.search(r"(?<!echo )typed-while-paused", rec.output), repr(rec.output)
 
 
 async def test_an_unreachable_envd_is_reported_and_retried_until_it_answers(
