@@ -280,7 +280,7 @@ def create_app(envd: Envd) -> Starlette:
     return Starlette(
         # The Connect RPC façade (the E2B SDK's protocol) on the same managers and port.
         routes=[*Api(envd).routes(), *connect.routes(envd)],
-        middleware=[Middleware(AuthMiddleware, expected_token=lambda: envd.state.access_token)],
+        middleware=[Middleware(AuthMiddleware, state=envd.state)],
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,

@@ -31,6 +31,7 @@ class MetadataError(ValueError):
 class Metadata:
     instance_id: str | None = None
     template_id: str | None = None
+    access_token: str | None = None
 
 
 def _text(obj: dict[str, object], *keys: str) -> str | None:
@@ -56,6 +57,7 @@ def parse_metadata(raw: bytes) -> Metadata:
     return Metadata(
         instance_id=_text(obj, "instanceID"),
         template_id=_text(obj, "templateID", "envID"),
+        access_token=_text(obj, "accessToken"),
     )
 
 
