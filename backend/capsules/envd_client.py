@@ -27,7 +27,9 @@ class EnvdClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0) -> None:
         self.base_url = base_url
         self.token = token
-        self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout)
+        # A capsule is on this host: proxy settings from the environment never apply (they
+        # would send the token to the proxy, and the request nowhere useful).
+        self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False)
 
     async def __aenter__(self) -> EnvdClient:
         return self
