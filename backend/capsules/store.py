@@ -6,8 +6,10 @@ middle of; WAL mode lets the dashboard and a CLI process read and write at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -76,11 +78,17 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # 0600 before SQLite first opens it: SQLite gives the -wal and -shm files the
+        # database's own mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for existing in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                if existing.stat().st_mode & 0o077:
+                    existing.chmod(0o600)
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        path.chmod(0o600)
         self._capsules_cache: tuple[tuple[int, int], list[Capsule]] | None = None
         self._capsule_writes = 0
         """Writes on this connection that can change the capsules table."""

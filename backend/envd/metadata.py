@@ -104,7 +104,7 @@ def parse_source(spec: str) -> Fetch:
     kind, sep, rest = spec.partition(":")
     if sep and kind == "tcp":
         host, sep, port = rest.rpartition(":")
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+        if sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
             return tcp_source(host.strip("[]"), int(port))
     elif sep and kind == "file" and rest:
         return file_source(Path(rest))
