@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from backend.capsules.errors import CapsuleError
 from backend.capsules.models import Capsule, State
+from backend.runtime.qemu import CONSOLE_MAX, cap_console
 
 if TYPE_CHECKING:
     from backend.capsules.manager import CapsuleManager
@@ -43,6 +44,9 @@ class Watchdog:
                 log.exception("the watchdog's check of %s failed", capsule.id)
 
     async def _check_one(self, capsule: Capsule, now: float) -> None:
+        console = self.m.layout.console_log(capsule.id)
+        if await asyncio.to_thread(cap_console, console):
+            log.info("%s: console.log passed %d bytes; rotated", capsule.id, CONSOLE_MAX)
         if not self.m.vm_alive(capsule):
             await self._vm_died(capsule.id)
         elif capsule.auto_pause_s > 0 and now - capsule.last_activity > capsule.auto_pause_s:

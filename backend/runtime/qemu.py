@@ -124,8 +124,12 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "virtio-rng-device",
         "-qmp",
         f"unix:{c.qmp_socket},server=on,wait=off",
+        # append=on: once the agent has rotated the log (cap_console), QEMU's next write lands
+        # at the new end, not at its old offset (which would leave a file as large as before)
+        "-chardev",
+        "file,id=console0,append=on,path=" + str(c.console_log).replace(",", ",,"),
         "-serial",
-        f"file:{c.console_log}",
+        "chardev:console0",
         "-name",
         f"wrenn-{c.capsule_id},process=wrenn-{c.capsule_id}",
     ]
@@ -383,6 +387,33 @@ def _vmm_log_tail(config: VMConfig) -> str:
         return config.vmm_log.read_text(errors="replace").strip()[-800:]
     except OSError:
         return ""
+
+
+CONSOLE_MAX = 1 << 20
+"""console.log is rotated (to console.log.1) beyond this many bytes: a guest writing its
+serial port without end must not fill the host's disk."""
+
+
+def cap_console(path: Path, limit: int = CONSOLE_MAX) -> bool:
+    """Rotate `path` when larger than `limit`: its last `limit` bytes go to `.log.1` and the
+    log starts again empty (QEMU appends). True when it rotated."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if size <= limit:
+        return False
+    with path.open("rb") as f:
+        f.seek(size - limit)
+        tail = f.read(limit)
+    old = path.with_suffix(".log.1")
+    tmp = path.with_suffix(".log.1.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(tail)
+    os.replace(tmp, old)
+    os.truncate(path, 0)
+    return True
 
 
 def write_metadata(config: VMConfig) -> None:
