@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from backend.capsules.errors import CapsuleError
 from backend.capsules.models import Capsule, State
-from backend.runtime.qemu import CONSOLE_MAX, cap_console
+from backend.runtime.logs import CONSOLE_MAX, cap_console
 
 if TYPE_CHECKING:
     from backend.capsules.manager import CapsuleManager

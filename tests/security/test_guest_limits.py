@@ -12,7 +12,7 @@ from backend.capsules.envd_client import EnvdClient, EnvdError
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.watchdog import Watchdog
 from backend.envd import protocol as wire
-from backend.runtime.qemu import CONSOLE_MAX
+from backend.runtime.logs import CONSOLE_MAX
 from tests.integration.conftest import manager
 
 from .listeners import RecordingListener
