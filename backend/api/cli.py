@@ -12,14 +12,17 @@ from . import DEFAULT_HOST, DEFAULT_PORT
 
 
 def environment(key: str, url: str) -> str:
-    return f"export E2B_API_KEY={key}\nexport E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}"
+    return (
+        f"export E2B_API_KEY={key}\nexport E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\n"
+        f"export WRENN_API_KEY={key}\nexport WRENN_BASE_URL={url}"
+    )
 
 
 @click.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
 def serve(host: str, port: int) -> None:
-    """Serve the E2B-compatible agent API: the unmodified E2B SDK then drives capsules."""
+    """Serve the agent API: the unmodified E2B and Wrenn SDKs then drive capsules."""
     import asyncio
 
     from .keys import load_or_create_key
@@ -38,13 +41,17 @@ async def _serve(host: str, port: int, key: str) -> None:
     import signal
 
     from backend.capsules.manager import CapsuleManager
+    from backend.sampler import ManagerSource, Sampler
 
     from .capsules import ManagerCapsules
     from .server import ApiServer
 
     manager = CapsuleManager(default_paths())
     await manager.start(watchdog=True)
-    server = ApiServer(ManagerCapsules(manager), key, host=host, port=port)
+    # Wrenn's metrics routes read its history (the dashboard runs its own).
+    sampler = Sampler(ManagerSource(manager), store=manager.store)
+    await sampler.start()
+    server = ApiServer(ManagerCapsules(manager, sampler), key, host=host, port=port)
     try:
         await server.start()
         shown = f"[{host}]" if ":" in host else host
@@ -60,6 +67,7 @@ async def _serve(host: str, port: int, key: str) -> None:
         )
     finally:
         await server.stop()
+        await sampler.stop()
         await manager.close()
 
 
