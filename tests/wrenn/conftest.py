@@ -4,11 +4,8 @@ the first test that needs it, and the agent API over a real CapsuleManager (with
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import glob
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,61 +19,17 @@ from backend.config import Paths
 from backend.sampler import ManagerSource, Sampler
 from tests.e2b.conftest import ServerThread
 from tests.integration.conftest import destroy_all
+from tests.wrenn.sdk_venv import NoPython313, ensure_sdk_venv
 
-SDK_VERSION = "0.3.0"
-SDK_VENV = Path(f"/tmp/wrenn-sdk-venv-{SDK_VERSION}")
 SCENARIO = Path(__file__).with_name("sdk_scenario.py")
-READY_MARK = ".wrenn-ready"
-MIN_PYTHON = (3, 13)
-
-
-def find_python() -> str | None:
-    """A Python >= 3.13: on PATH, or under pyenv (``$PYENV_ROOT`` or ``~/.pyenv``)."""
-    candidates = [shutil.which(f"python3.{minor}") for minor in range(13, 20)]
-    root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
-    candidates += sorted(glob.glob(f"{root}/versions/3.1[3-9]*/bin/python3"), reverse=True)
-    candidates.append(shutil.which("python3"))
-    for candidate in candidates:
-        if not candidate:
-            continue
-        probe = subprocess.run(
-            [candidate, "-c", "import sys; print(sys.version_info >= (3, 13))"],
-            capture_output=True,
-            text=True,
-        )
-        if probe.stdout.strip() == "True":
-            return candidate
-    return None
-
-
-def ensure_sdk_venv(venv: Path = SDK_VENV) -> Path:
-    """``wrenn==SDK_VERSION`` in its own venv, made once and reused (a half-made one, without
-    the ready mark, is made again)."""
-    python = venv / "bin" / "python"
-    base = find_python()
-    if base is None:
-        pytest.skip(
-            "the Wrenn SDK needs Python >= 3.13 and none was found: install one "
-            "(`pyenv install 3.13` or apt-get install python3.13) and re-run"
-        )
-    with open(f"{venv}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (venv / READY_MARK).is_file() and python.exists():
-            return python
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             f"wrenn=={SDK_VERSION}"],
-            check=True,
-        )  # fmt: skip
-        (venv / READY_MARK).write_text(SDK_VERSION + "\n")
-    return python
 
 
 @pytest.fixture(scope="session")
 def sdk_python() -> Path:
-    return ensure_sdk_venv()
+    try:
+        return ensure_sdk_venv()
+    except NoPython313 as exc:
+        pytest.skip(str(exc))
 
 
 def sdk_env(key: str, url: str) -> dict[str, str]:

@@ -45,9 +45,7 @@ def test_the_async_sdk_drives_capsules(wrenn_api: ServerThread, sdk_python: Path
     assert out["capsule_id"].startswith("cl-")
 
 
-def test_sdk_and_dashboard_see_the_same_capsules(
-    wrenn_api: ServerThread, sdk_python: Path
-) -> None:
+def test_sdk_and_dashboard_see_the_same_capsules(wrenn_api: ServerThread, sdk_python: Path) -> None:
     """Created through the API: in the manager's list (the dashboard's table, `capsule
     list`); paused by the manager (the dashboard's `p`): paused in the SDK."""
     with wrenn_api.client() as client:

@@ -1,0 +1,166 @@
+"""The Wrenn API layer's overhead: the same operations through the unmodified Wrenn SDK (over
+``wrenn-tui serve``) and through the CLI (``wrenn-tui capsule ...``), in one run, on one
+private state dir.
+
+    python -m bench.wrenn_api [--cycles 3] [--port 44090]
+
+Prints one JSON object: per operation the median seconds through each path and their ratio.
+The SDK times are wall-clock in the SDK's own process (HTTP + the API + the manager); the CLI
+times include the CLI process's start (what a person typing it waits for). ``create_snapshot``
+has no CLI command here: its other side is ``CapsuleManager.template_create`` called in the
+bench process (the API's own floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from backend.capsules.manager import CapsuleManager
+from backend.config import default_paths
+from tests.wrenn.sdk_venv import ensure_sdk_venv
+
+REPO = Path(__file__).resolve().parents[1]
+WRENN_TUI = str(Path(sys.executable).with_name("wrenn-tui"))
+
+SDK_TIMINGS = r"""
+import json, sys, time
+from wrenn import Capsule
+cycles = int(sys.argv[1])
+out = {k: [] for k in ("create", "run_echo", "pause", "resume", "create_snapshot")}
+for i in range(cycles):
+    def timed(name, call):
+        t = time.monotonic(); value = call(); out[name].append(time.monotonic() - t)
+        return value
+    c = timed("create", lambda: Capsule.create(wait=True))
+    assert timed("run_echo", lambda: c.commands.run("echo hi")).stdout == "hi\n"
+    timed("pause", lambda: c.pause(wait=True))
+    timed("resume", lambda: c.resume(wait=True))
+    timed("create_snapshot", lambda: c.create_snapshot(f"bench-sdk-{i}"))
+    c._client.snapshots.delete(f"bench-sdk-{i}")
+    c.destroy(wait=True)
+print(json.dumps(out))
+"""
+
+
+def cli(env: dict[str, str], *args: str) -> tuple[float, str]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [WRENN_TUI, *args], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    return time.monotonic() - started, result.stdout
+
+
+def cli_timings(env: dict[str, str], cycles: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in ("create", "run_echo", "pause", "resume")}
+    for _ in range(cycles):
+        seconds, text = cli(env, "capsule", "create", "--json")
+        out["create"].append(seconds)
+        capsule_id = json.loads(text)["id"]
+        seconds, text = cli(env, "capsule", "exec", capsule_id, "--", "echo", "hi")
+        out["run_echo"].append(seconds)
+        assert "hi" in text, text
+        out["pause"].append(cli(env, "capsule", "pause", capsule_id)[0])
+        out["resume"].append(cli(env, "capsule", "resume", capsule_id)[0])
+        cli(env, "capsule", "destroy", capsule_id)
+    return out
+
+
+async def manager_snapshot_timings(cycles: int) -> list[float]:
+    manager = CapsuleManager(default_paths())
+    await manager.start(watchdog=False)
+    times = []
+    try:
+        capsule = await manager.create()
+        for i in range(cycles):
+            started = time.monotonic()
+            await manager.template_create(capsule.id, f"bench-mgr-{i}")
+            times.append(time.monotonic() - started)
+            await manager.template_remove(f"bench-mgr-{i}")
+        await manager.destroy(capsule.id)
+    finally:
+        await manager.close()
+    return times
+
+
+def wait_listening(url: str, deadline_s: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/health", timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"wrenn-tui serve did not answer on {url}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--port", type=int, default=44090)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="wb-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "WRENN_STATE_DIR": str(root / "state"),
+        "WRENN_CONFIG_DIR": str(root / "config"),
+    }
+    os.environ.update(
+        WRENN_STATE_DIR=env["WRENN_STATE_DIR"], WRENN_CONFIG_DIR=env["WRENN_CONFIG_DIR"]
+    )
+    python = ensure_sdk_venv()
+    url = f"http://127.0.0.1:{args.port}"
+    server = subprocess.Popen(
+        [WRENN_TUI, "serve", "--port", str(args.port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_listening(url)
+        key = cli(env, "api-key")[1].strip()
+        sdk_env = {**env, "WRENN_API_KEY": key, "WRENN_BASE_URL": url, "NO_PROXY": "127.0.0.1"}
+        done = subprocess.run(
+            [str(python), "-c", SDK_TIMINGS, str(args.cycles)],
+            env=sdk_env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the SDK run failed:\n{done.stderr}")
+        sdk: dict[str, list[float]] = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        server.wait(30)
+    try:
+        direct = cli_timings(env, args.cycles)
+        direct["create_snapshot"] = asyncio.run(manager_snapshot_timings(args.cycles))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result: dict[str, Any] = {"cycles": args.cycles, "unit": "s (median)", "operations": {}}
+    for name, values in sdk.items():
+        sdk_s = statistics.median(values)
+        other_s = statistics.median(direct[name])
+        result["operations"][name] = {
+            "sdk": round(sdk_s, 3),
+            "cli" if name != "create_snapshot" else "manager": round(other_s, 3),
+            "ratio": round(sdk_s / other_s, 2) if other_s else None,
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
