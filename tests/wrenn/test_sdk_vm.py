@@ -5,11 +5,15 @@ state (the same database, the same event log) and the SDK's agree both ways."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from backend.api.capsules import ManagerCapsules
+from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.capsules.store import Store
 from backend.config import Paths
@@ -45,23 +49,40 @@ def test_the_async_sdk_drives_capsules(wrenn_api: ServerThread, sdk_python: Path
     assert out["capsule_id"].startswith("cl-")
 
 
-def test_sdk_and_dashboard_see_the_same_capsules(wrenn_api: ServerThread, sdk_python: Path) -> None:
-    """Created through the API: in the manager's list (the dashboard's table, `capsule
-    list`); paused by the manager (the dashboard's `p`): paused in the SDK."""
+def test_sdk_and_dashboard_see_the_same_capsules(
+    wrenn_api: ServerThread, sdk_python: Path, paths: Paths
+) -> None:
+    """Created through the API: in `wrenn-tui capsule list` and in another manager (the
+    dashboard's); paused there (the dashboard's `p`): paused in the SDK."""
     with wrenn_api.client() as client:
         created = client.post("/v1/capsules", json={}, timeout=120)
         assert created.status_code == 201, created.text
         capsule_id = created.json()["id"]
-        capsules = wrenn_api.capsules
-        assert isinstance(capsules, ManagerCapsules)
-        manager = capsules.manager
-        assert capsule_id in {c.id for c in manager.list_capsules()}
-        deadline = 60
-        while manager.get(capsule_id).state != State.RUNNING and deadline > 0:
-            wrenn_api.call(asyncio.sleep(1))
-            deadline -= 1
-        wrenn_api.call(manager.pause(capsule_id))
+        env = {
+            **os.environ,
+            "WRENN_STATE_DIR": str(paths.state),
+            "WRENN_CONFIG_DIR": str(paths.config),
+        }
+        listed = subprocess.run(
+            [str(Path(sys.executable).with_name("wrenn-tui")), "capsule", "list", "--json"],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert capsule_id in {c["id"] for c in json.loads(listed.stdout)}
+
+        async def dashboard_pause() -> State:
+            dashboard = CapsuleManager(paths)
+            try:
+                for _ in range(120):
+                    if dashboard.get(capsule_id).state == State.RUNNING:
+                        break
+                    await asyncio.sleep(1)
+                await dashboard.pause(capsule_id)
+                return dashboard.get(capsule_id).state
+            finally:
+                await dashboard.close()
+
+        assert asyncio.run(dashboard_pause()) == State.PAUSED
         status = run_sdk(sdk_python, wrenn_api.key, wrenn_api.url, "status", capsule_id)
         assert status["status"] == "paused"
         assert client.delete(f"/v1/capsules/{capsule_id}").status_code == 204
-        assert capsule_id not in {c.id for c in manager.list_capsules()}
+        assert client.get(f"/v1/capsules/{capsule_id}").status_code == 404
