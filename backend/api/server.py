@@ -22,6 +22,7 @@ from .proxy import SANDBOX_ID_HEADER, SandboxProxy
 from .rest import Api, error
 from .wrenn.app import PREFIX as WRENN_PREFIX
 from .wrenn.app import WrennApp
+from .wrenn.ports import PortProxy, port_target
 
 log = logging.getLogger("wrenn.api")
 
@@ -44,6 +45,7 @@ class AgentApp:
         self.api = Api(capsules, api_key)
         self.proxy = SandboxProxy(capsules)
         self.wrenn = WrennApp(capsules, api_key)
+        self.ports = PortProxy(capsules)
         self.rest: ASGIApp = Starlette(
             routes=self.api.routes(),
             exception_handlers={404: _not_found, 405: _method_not_allowed},
@@ -72,6 +74,11 @@ class AgentApp:
                 log.exception("ending timed-out sandboxes failed")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if port_target(scope) is not None:
+            # http://{port}-{capsule id}.{host}: a program's port in the capsule (Wrenn's
+            # get_url); no API key, like Wrenn's own proxy: the capsule id names it.
+            await self.ports(scope, receive, send)
+            return
         if scope["type"] == "http" and any(
             name == SANDBOX_HEADER for name, _ in scope.get("headers", [])
         ):

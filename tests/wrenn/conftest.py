@@ -85,3 +85,7 @@ def wrenn_api(paths: Paths) -> Iterator[ServerThread]:
     finally:
         server.stop()
         asyncio.run(destroy_all(paths))
+
+
+# the E2B tests' stand-in capsules (host envd processes), for what needs no VM
+from tests.e2b.conftest import host_api  # noqa: E402, F401
