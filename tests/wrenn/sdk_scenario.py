@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import httpx
 from wrenn import AsyncCapsule, Capsule, WrennClient
 from wrenn.exceptions import (
     WrennAuthenticationError,
@@ -203,6 +204,26 @@ def lifecycle() -> dict[str, Any]:
     inside = capsule.commands.run("sha256sum /tmp/big.bin").stdout.split()[0]
     assert inside == digest.hexdigest()
     out["big_file_mb"] = BIG_FILE_MB
+
+    # a program's port, through get_url's {port}-{id}.{host} (sent as the Host header: the
+    # name need not resolve here)
+    server = capsule.commands.run(
+        "exec python3 -m http.server 8000 --bind 127.0.0.1 --directory /tmp/w", background=True
+    )
+    url = httpx.URL(capsule.get_url(8000))
+    assert url.host == f"8000-{cid}.{httpx.URL(os.environ['WRENN_BASE_URL']).host}", url
+    for _ in range(60):
+        page = httpx.get(
+            os.environ["WRENN_BASE_URL"] + "/a.txt",
+            headers={"host": f"{url.host}:{url.port}"},
+            timeout=30,
+        )
+        if page.status_code != 502:  # until the server listens
+            break
+        time.sleep(0.5)
+    assert page.status_code == 200 and page.text == "hello", (page.status_code, page.text)
+    capsule.commands.kill(server.pid)
+    step("get_url")
 
     # terminals: one session, seen from a second connection by its tag
     with capsule.pty(cmd="/bin/sh", cols=100, rows=30) as term:

@@ -33,5 +33,7 @@ Watching (observe.py)
     GET /v1/capsules/stats?range=5m|1h|6h|24h|30d, GET /v1/capsules/usage?from=&to= ->
         reservations (running capsules, vCPUs, MiB) as this agent recorded them while it ran.
     GET /v1/events/stream -> server-sent events from the capsule event log.
+Ports (ports.py): a request whose Host is ``{port}-{capsule id}.<anything>`` (the SDK's
+    ``get_url(port)``) goes to that port on the capsule's loopback through envd's /tcp tunnel.
 Accounts, teams, API keys, hosts and channels: 404 naming what is not provided.
 """
