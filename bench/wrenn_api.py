@@ -4,11 +4,11 @@ private state dir.
 
     python -m bench.wrenn_api [--cycles 3] [--port 44090]
 
-Prints one JSON object: per operation the median seconds through each path and their ratio.
-The SDK times are wall-clock in the SDK's own process (HTTP + the API + the manager); the CLI
-times include the CLI process's start (what a person typing it waits for). ``create_snapshot``
-has no CLI command here: its other side is ``CapsuleManager.template_create`` called in the
-bench process (the API's own floor).
+Prints one JSON object: per operation the median seconds through the SDK, the CLI, and the
+CapsuleManager called in this process (the floor under both), and the API's overhead (SDK minus
+manager). The SDK times are wall-clock in the SDK's own process (HTTP + the API + the manager);
+the CLI times include the CLI process's start (what a person typing it waits for).
+``create_snapshot`` has no CLI command here.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from backend.config import default_paths
 from tests.wrenn.sdk_venv import ensure_sdk_venv
 
 REPO = Path(__file__).resolve().parents[1]
+OPERATIONS = ("create", "run_echo", "pause", "resume", "create_snapshot")
 WRENN_TUI = str(Path(sys.executable).with_name("wrenn-tui"))
 
 SDK_TIMINGS = r"""
@@ -76,21 +77,31 @@ def cli_timings(env: dict[str, str], cycles: int) -> dict[str, list[float]]:
     return out
 
 
-async def manager_snapshot_timings(cycles: int) -> list[float]:
+async def manager_timings(cycles: int) -> dict[str, list[float]]:
+    """The same operations on CapsuleManager in this process: the floor under both."""
     manager = CapsuleManager(default_paths())
     await manager.start(watchdog=False)
-    times = []
+    out: dict[str, list[float]] = {k: [] for k in OPERATIONS}
+
+    async def timed(name: str, call: Any) -> Any:
+        started = time.monotonic()
+        value = await call
+        out[name].append(time.monotonic() - started)
+        return value
+
     try:
-        capsule = await manager.create()
         for i in range(cycles):
-            started = time.monotonic()
-            await manager.template_create(capsule.id, f"bench-mgr-{i}")
-            times.append(time.monotonic() - started)
-            await manager.template_remove(f"bench-mgr-{i}")
-        await manager.destroy(capsule.id)
+            capsule = await timed("create", manager.create())
+            result = await timed("run_echo", manager.exec(capsule.id, "echo hi"))
+            assert result.stdout == "hi\n", result
+            await timed("pause", manager.pause(capsule.id))
+            await timed("resume", manager.resume(capsule.id))
+            await timed("create_snapshot", manager.template_create(capsule.id, f"bench-m-{i}"))
+            await manager.template_remove(f"bench-m-{i}")
+            await manager.destroy(capsule.id)
     finally:
         await manager.close()
-    return times
+    return out
 
 
 def wait_listening(url: str, deadline_s: float = 60) -> None:
@@ -146,19 +157,20 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     try:
-        direct = cli_timings(env, args.cycles)
-        direct["create_snapshot"] = asyncio.run(manager_snapshot_timings(args.cycles))
+        by_cli = cli_timings(env, args.cycles)
+        direct = asyncio.run(manager_timings(args.cycles))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result: dict[str, Any] = {"cycles": args.cycles, "unit": "s (median)", "operations": {}}
-    for name, values in sdk.items():
-        sdk_s = statistics.median(values)
-        other_s = statistics.median(direct[name])
-        result["operations"][name] = {
-            "sdk": round(sdk_s, 3),
-            "cli" if name != "create_snapshot" else "manager": round(other_s, 3),
-            "ratio": round(sdk_s / other_s, 2) if other_s else None,
-        }
+    for name in OPERATIONS:
+        sdk_s = statistics.median(sdk[name])
+        manager_s = statistics.median(direct[name])
+        row: dict[str, Any] = {"sdk": round(sdk_s, 3)}
+        if name in by_cli:
+            row["cli"] = round(statistics.median(by_cli[name]), 3)
+        row["manager"] = round(manager_s, 3)
+        row["api_overhead_s"] = round(sdk_s - manager_s, 3)
+        result["operations"][name] = row
     print(json.dumps(result, indent=2))
 
 
