@@ -37,9 +37,9 @@ WRENN_TUI = str(Path(sys.executable).with_name("wrenn-tui"))
 SDK_TIMINGS = r"""
 import json, sys, time
 from wrenn import Capsule
-cycles = int(sys.argv[1])
+cycles, first = int(sys.argv[1]), int(sys.argv[2])
 out = {k: [] for k in ("create", "run_echo", "pause", "resume", "create_snapshot")}
-for i in range(cycles):
+for i in range(first, first + cycles):
     def timed(name, call):
         t = time.monotonic(); value = call(); out[name].append(time.monotonic() - t)
         return value
@@ -77,7 +77,7 @@ def cli_timings(env: dict[str, str], cycles: int) -> dict[str, list[float]]:
     return out
 
 
-async def manager_timings(cycles: int) -> dict[str, list[float]]:
+async def manager_timings(cycles: int, first: int = 0) -> dict[str, list[float]]:
     """The same operations on CapsuleManager in this process: the floor under both."""
     manager = CapsuleManager(default_paths())
     await manager.start(watchdog=False)
@@ -90,7 +90,7 @@ async def manager_timings(cycles: int) -> dict[str, list[float]]:
         return value
 
     try:
-        for i in range(cycles):
+        for i in range(first, first + cycles):
             capsule = await timed("create", manager.create())
             result = await timed("run_echo", manager.exec(capsule.id, "echo hi"))
             assert result.stdout == "hi\n", result
@@ -139,27 +139,34 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    sdk: dict[str, list[float]] = {k: [] for k in OPERATIONS}
+    by_cli: dict[str, list[float]] = {k: [] for k in OPERATIONS if k != "create_snapshot"}
+    direct: dict[str, list[float]] = {k: [] for k in OPERATIONS}
     try:
         wait_listening(url)
         key = cli(env, "api-key")[1].strip()
         sdk_env = {**env, "WRENN_API_KEY": key, "WRENN_BASE_URL": url, "NO_PROXY": "127.0.0.1"}
-        done = subprocess.run(
-            [str(python), "-c", SDK_TIMINGS, str(args.cycles)],
-            env=sdk_env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the SDK run failed:\n{done.stderr}")
-        sdk: dict[str, list[float]] = json.loads(done.stdout.strip().splitlines()[-1])
+        # One cycle of each path in turn, so a change in the shared machine's load falls on
+        # all three alike.
+        for cycle in range(args.cycles):
+            done = subprocess.run(
+                [str(python), "-c", SDK_TIMINGS, "1", str(cycle)],
+                env=sdk_env,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"the SDK run failed:\n{done.stderr}")
+            for name, values in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                sdk[name] += values
+            for name, values in cli_timings(env, 1).items():
+                by_cli[name] += values
+            for name, values in asyncio.run(manager_timings(1, cycle)).items():
+                direct[name] += values
     finally:
         server.terminate()
         server.wait(30)
-    try:
-        by_cli = cli_timings(env, args.cycles)
-        direct = asyncio.run(manager_timings(args.cycles))
-    finally:
         shutil.rmtree(root, ignore_errors=True)
     result: dict[str, Any] = {"cycles": args.cycles, "unit": "s (median)", "operations": {}}
     for name in OPERATIONS:

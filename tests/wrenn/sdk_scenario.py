@@ -325,10 +325,12 @@ async def async_chunks(total_mb: int) -> AsyncIterator[bytes]:
 
 async def lifecycle_async() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    capsule = await AsyncCapsule.create(wait=True)
+    capsule = await AsyncCapsule.create(wait=True, timeout=30)
     cid = capsule.capsule_id
     out["capsule_id"] = cid
     assert await capsule.is_running()
+    # Wrenn's inactivity TTL: below 60 s it is clamped up to 60
+    assert (await capsule.get_info()).timeout_sec == 60
     result = await capsule.commands.run("echo hi")
     assert (result.stdout, result.exit_code) == ("hi\n", 0), result
     handle = await capsule.commands.run("echo bg; sleep 0.5", background=True)

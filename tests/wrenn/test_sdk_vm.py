@@ -44,9 +44,16 @@ def test_the_sync_sdk_drives_every_call(
     print("steps", out["steps"])
 
 
-def test_the_async_sdk_drives_capsules(wrenn_api: ServerThread, sdk_python: Path) -> None:
+def test_the_async_sdk_drives_capsules(
+    wrenn_api: ServerThread, sdk_python: Path, paths: Paths
+) -> None:
     out = run_sdk(sdk_python, wrenn_api.key, wrenn_api.url, "lifecycle-async")
-    assert out["capsule_id"].startswith("cl-")
+    store = Store(paths.database)
+    try:
+        kinds = [e.kind for e in store.events(out["capsule_id"], 200)]
+        assert kinds.count("running") >= 2 and "paused" in kinds, kinds  # create, resume
+    finally:
+        store.close()
 
 
 def test_sdk_and_dashboard_see_the_same_capsules(
