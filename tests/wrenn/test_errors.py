@@ -211,6 +211,12 @@ def test_bad_input_on_a_running_capsule(
         "conflict",
         "base template",
     )
+    assert_error(
+        client.post("/v1/snapshots", json={"sandbox_id": cid, "name": "minimal-ubuntu"}),
+        409,
+        "conflict",
+        "base template",
+    )
     # state conflicts
     assert_error(client.post(base + "/resume"), 409, "invalid_state", "running")
     # WebSockets: bad first messages get an error message, never a dropped connection

@@ -24,7 +24,7 @@ from backend.capsules.errors import CapsuleError, CapsuleNotFound, IllegalTransi
 from .errors import CODES, WrennError, error_body, error_response
 from .guest import Guest
 from .lifecycle import Lifecycle
-from .observe import RECORD_INTERVAL_S, Observe, Reservations
+from .observe import RECORD_INTERVAL_S, Observe
 from .sockets import Sockets
 
 log = logging.getLogger("wrenn.api.wrenn")
@@ -71,7 +71,6 @@ class WrennApp:
         self.guest = Guest(capsules, self.envd)
         self.sockets = Sockets(capsules, self.envd)
         self.observe = Observe(capsules, self.envd)
-        self.observe.reservations = Reservations()
         self._recorder: asyncio.Task[None] | None = None
         routes: list[BaseRoute] = []
         for route in [

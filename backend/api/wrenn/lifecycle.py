@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from backend.api.capsules import Capsules
+from backend.api.rest import rootfs_size_mb
 from backend.capsules.errors import CapsuleError, CapsuleNotFound, IllegalTransition
 from backend.capsules.models import Capsule, State, new_capsule_id
 from backend.capsules.templates import Template, TemplateInUse, check_name
@@ -49,8 +50,6 @@ class Lifecycle(Base):
         return next((t for t in self.capsules.list_templates() if t.name == wanted), None)
 
     def disk_size_mb(self, capsule: Capsule) -> int | None:
-        from backend.api.rest import rootfs_size_mb
-
         return rootfs_size_mb(capsule) or None
 
     # -- capsules ----------------------------------------------------------------------------
@@ -195,7 +194,9 @@ class Lifecycle(Base):
             raise invalid(str(exc)) from None
         if capsule.state not in (State.RUNNING, State.PAUSED):
             raise invalid_state(f"cannot snapshot capsule {capsule.id}: it is {capsule.state}")
-        existing = self.template(name) if name not in TEMPLATE_ALIASES else None
+        if name in TEMPLATE_ALIASES:
+            raise conflict(f"{name!r} names the base template; choose another name")
+        existing = self.template(name)
         if existing is not None:
             if existing.builtin:
                 raise conflict(f"{name!r} is a base template; choose another name")

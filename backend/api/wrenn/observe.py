@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from backend.api.capsules import Capsules
 from backend.capsules.errors import CapsuleNotFound
 from backend.capsules.models import Event, State
 
@@ -62,7 +64,9 @@ class Reservations:
 
 
 class Observe(Base):
-    reservations: Reservations
+    def __init__(self, capsules: Capsules, envd: httpx.AsyncClient) -> None:
+        super().__init__(capsules, envd)
+        self.reservations = Reservations()
 
     def current(self) -> tuple[int, int, int]:
         running = [c for c in self.capsules.list() if c.state == State.RUNNING]
