@@ -394,6 +394,17 @@ def observe_paused(capsule_id: str) -> dict[str, Any]:
     return {"status": str(info.status)}
 
 
+def pty_connect(capsule_id: str, tag: str) -> dict[str, Any]:
+    """Attach to a terminal someone else (the dashboard) started, by its tag."""
+    capsule = Capsule.connect(capsule_id)
+    with capsule.pty_connect(tag) as term:
+        started = next(iter(term))
+        assert started.type == "started" and started.tag == tag, started
+        term.write(b"echo from-sdk\n")
+        seen = read_pty(term, b"from-sdk")
+    return {"tag": tag, "seen": seen.decode(errors="replace")}
+
+
 def main() -> None:
     scenario, *args = sys.argv[1:]
     if scenario == "lifecycle":
@@ -402,6 +413,8 @@ def main() -> None:
         out = asyncio.run(lifecycle_async())
     elif scenario == "errors":
         out = errors()
+    elif scenario == "pty-connect":
+        out = pty_connect(args[0], args[1])
     elif scenario == "status":
         out = observe_paused(args[0])
     else:

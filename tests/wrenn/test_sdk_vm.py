@@ -9,14 +9,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.capsules.store import Store
 from backend.config import Paths
+from backend.envd import protocol as wire
 from tests.e2b.conftest import ServerThread
 
 from .conftest import run_sdk
@@ -93,3 +97,47 @@ def test_sdk_and_dashboard_see_the_same_capsules(
         assert status["status"] == "paused"
         assert client.delete(f"/v1/capsules/{capsule_id}").status_code == 204
         assert client.get(f"/v1/capsules/{capsule_id}").status_code == 404
+
+
+def test_a_dashboard_terminal_is_reached_by_tag(
+    wrenn_api: ServerThread, sdk_python: Path, paths: Paths
+) -> None:
+    """The dashboard's shell pane starts an envd /pty session with a tag; the SDK's
+    pty_connect(tag) drives it too, and leaving it leaves the session to the pane."""
+    with wrenn_api.client() as client:
+        created = client.post("/v1/capsules", json={}, timeout=120)
+        assert created.status_code == 201, created.text
+        capsule_id = created.json()["id"]
+        for _ in range(120):
+            if client.get(f"/v1/capsules/{capsule_id}").json()["status"] == "running":
+                break
+            time.sleep(1)
+    store = Store(paths.database)
+    capsule = store.get(capsule_id)
+    store.close()
+    assert capsule is not None
+    headers = wire.auth_headers(capsule.access_token)
+    with ws_connect(wire.pty_ws_url(capsule.envd_url), additional_headers=headers) as pane:
+        pane.send(json.dumps(wire.pty_start(80, 24, tag="dash-1", cmd="/bin/sh")))
+        assert json.loads(pane.recv(timeout=30))["type"] == "started"
+        out = run_sdk(sdk_python, wrenn_api.key, wrenn_api.url, "pty-connect", capsule_id, "dash-1")
+        assert "from-sdk" in out["seen"]
+        # the pane, still attached, saw what the SDK typed
+        seen, kinds = "", []
+        while "from-sdk\r\n" not in seen.replace("echo from-sdk", ""):
+            message = json.loads(pane.recv(timeout=30))
+            kinds.append(message["type"])
+            seen += message.get("data", "") if message["type"] == "output" else ""
+        # leaving the SDK's `with` only detaches: the session is the pane's again
+        listed = []
+        for _ in range(30):
+            listed = httpx.get(f"{capsule.envd_url}/pty", headers=headers, timeout=10).json()
+            if [(s["alive"], s["attached"]) for s in listed if s["tag"] == "dash-1"] == [(True, 1)]:
+                break
+            time.sleep(0.5)
+        assert [(s["alive"], s["attached"]) for s in listed if s["tag"] == "dash-1"] == [
+            (True, 1)
+        ], (listed, kinds)
+        pane.send(json.dumps(wire.pty_input("exit\n")))
+        while json.loads(pane.recv(timeout=30))["type"] != "exit":
+            pass
