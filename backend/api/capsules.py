@@ -3,13 +3,14 @@ CapsuleManager (tests substitute host envd processes for VMs through the same pr
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Protocol
 
 from backend.capsules.envd_client import EnvdClient, EnvdError
 from backend.capsules.errors import CapsuleError
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import Capsule
-from backend.image.builder import ImageBuilder
+from backend.capsules.templates import Template
 
 
 class Capsules(Protocol):
@@ -19,11 +20,28 @@ class Capsules(Protocol):
 
     def list(self) -> list[Capsule]: ...
 
-    def has_template(self, name: str) -> bool: ...
-
-    async def create(self, *, template: str, network: str) -> Capsule:
-        """Returns once envd in the capsule answers."""
+    def has_template(self, name: str) -> bool:
+        """A built-in template (an image) or a user template (a saved capsule)."""
         ...
+
+    async def create(self, *, template: str, network: str | None) -> Capsule:
+        """Returns once envd in the capsule answers. `network` None: the template's own mode
+        (a user template's), or `none`."""
+        ...
+
+    def snapshots(self) -> builtins.list[Template]:
+        """The user templates (E2B calls them snapshots)."""
+        ...
+
+    async def snapshot(self, capsule_id: str, name: str) -> Template:
+        """Save a running or paused capsule as template `name` (TemplateExists if taken)."""
+        ...
+
+    async def delete_snapshot(self, name: str) -> None:
+        """TemplateNotFound, TemplateInUse, or CapsuleError for a built-in template."""
+        ...
+
+    async def fork(self, capsule_id: str, count: int) -> builtins.list[Capsule]: ...
 
     async def pause(self, capsule_id: str) -> None: ...
 
@@ -43,8 +61,9 @@ class Capsules(Protocol):
         """An entry in the capsule's event log (shown by the dashboard)."""
         ...
 
-    async def set_env(self, capsule: Capsule, env: dict[str, str]) -> None:
-        """Environment variables for every later process in the capsule."""
+    async def init_guest(self, capsule: Capsule, fields: dict[str, Any]) -> None:
+        """Fields of envd's /init (envVars, defaultUser, defaultWorkdir) for every later
+        process in the capsule."""
         ...
 
     async def metrics(self, capsule: Capsule) -> dict[str, Any] | None: ...
@@ -61,10 +80,22 @@ class ManagerCapsules:
         return self.manager.list_capsules()
 
     def has_template(self, name: str) -> bool:
-        return ImageBuilder(self.manager.paths, name).installed() is not None
+        return (self.manager.templates.user(name) or self.manager.templates.image(name)) is not None
 
-    async def create(self, *, template: str, network: str) -> Capsule:
+    async def create(self, *, template: str, network: str | None) -> Capsule:
         return await self.manager.create(template=template, network=network)
+
+    def snapshots(self) -> builtins.list[Template]:
+        return [t for t in self.manager.list_templates() if not t.builtin]
+
+    async def snapshot(self, capsule_id: str, name: str) -> Template:
+        return await self.manager.template_create(capsule_id, name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        await self.manager.template_remove(name)
+
+    async def fork(self, capsule_id: str, count: int) -> builtins.list[Capsule]:
+        return await self.manager.fork(capsule_id, count)
 
     async def pause(self, capsule_id: str) -> None:
         await self.manager.pause(capsule_id)
@@ -89,12 +120,12 @@ class ManagerCapsules:
     def note(self, capsule_id: str, kind: str, message: str) -> None:
         self.manager.store.add_event(capsule_id, kind, message)
 
-    async def set_env(self, capsule: Capsule, env: dict[str, str]) -> None:
+    async def init_guest(self, capsule: Capsule, fields: dict[str, Any]) -> None:
         try:
             async with EnvdClient(capsule.envd_url, capsule.access_token) as envd:
-                await envd.init(envVars=env)
+                await envd.init(**fields)
         except EnvdError as exc:
-            raise CapsuleError(f"setting the environment of {capsule.id} failed: {exc}") from exc
+            raise CapsuleError(f"setting up the guest of {capsule.id} failed: {exc}") from exc
 
     async def metrics(self, capsule: Capsule) -> dict[str, Any] | None:
         try:
