@@ -203,26 +203,32 @@ def capsule() -> None:
 
 
 @capsule.command("create")
-@click.option("--memory", "memory_mib", default=256, show_default=True, help="RAM in MiB.")
-@click.option("--vcpus", default=1, show_default=True)
-@click.option("--template", default="default", show_default=True)
+@click.option(
+    "--memory", "memory_mib", type=int, help="RAM in MiB [default: 256; a saved template's own]"
+)
+@click.option("--vcpus", type=int, help="[default: 1; a saved template's own]")
+@click.option(
+    "--template",
+    default="default",
+    show_default=True,
+    help="An image or a saved template (`wrenn-tui template list`).",
+)
 @click.option("--auto-pause", "auto_pause_s", default=0, help="Pause after N idle seconds.")
 @click.option("--cold", is_flag=True, help="Boot from scratch instead of the warm snapshot.")
 @click.option(
     "--network",
     type=click.Choice(["none", "internet"]),
-    default="none",
-    show_default=True,
-    help="none: no network but envd's forward; internet: NAT out, never to this host.",
+    help="none (default): no network but envd's forward; internet: NAT out, never to this "
+    "host. A saved template keeps its own.",
 )
 @click.option("--json", "as_json", is_flag=True)
 def capsule_create(
-    memory_mib: int,
-    vcpus: int,
+    memory_mib: int | None,
+    vcpus: int | None,
     template: str,
     auto_pause_s: int,
     cold: bool,
-    network: str,
+    network: str | None,
     as_json: bool,
 ) -> None:
     """Start a new capsule (from the template's warm snapshot) and wait until envd answers."""
@@ -366,6 +372,26 @@ def capsule_destroy(capsule_id: str) -> None:
     click.echo(f"{capsule_id} destroyed")
 
 
+@capsule.command("fork")
+@click.argument("capsule_id")
+@click.option("--count", default=1, show_default=True, help="How many copies (1..16).")
+@click.option("--json", "as_json", is_flag=True)
+def capsule_fork(capsule_id: str, count: int, as_json: bool) -> None:
+    """New capsules with the source's memory and disk at one instant; the source keeps running
+    (or stays paused)."""
+    from backend.capsules.errors import CapsuleError
+
+    try:
+        clones = _run(_with_manager(lambda m: m.fork(capsule_id, count)))
+    except CapsuleError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps([_capsule_dict(c) for c in clones], indent=2))
+        return
+    for c in clones:
+        click.echo(f"{c.id} running (fork of {capsule_id} in {c.extra.get('boot_s', 0):.2f} s)")
+
+
 @capsule.command("metrics")
 @click.argument("capsule_id")
 @click.option(
@@ -410,3 +436,102 @@ def capsule_exec(capsule_id: str, argv: tuple[str, ...], timeout: float, as_json
 
 main.add_command(serve)
 main.add_command(api_key)
+
+
+# -- templates --------------------------------------------------------------------------------
+
+
+@main.group()
+def template() -> None:
+    """Save capsules as templates, list and remove them (`capsule create --template NAME`)."""
+
+
+def _template_dict(t: Any, users: list[str]) -> dict[str, Any]:
+    data = asdict(t)
+    data["capsules"] = users
+    return data
+
+
+@template.command("create")
+@click.argument("capsule_id")
+@click.option("--name", required=True, help="[a-z0-9][a-z0-9._-]{0,62}")
+@click.option("--json", "as_json", is_flag=True)
+def template_create(capsule_id: str, name: str, as_json: bool) -> None:
+    """Save a running or paused capsule as a template (a running one keeps running)."""
+    from backend.capsules.errors import CapsuleError
+
+    try:
+        t = _run(_with_manager(lambda m: m.template_create(capsule_id, name)))
+    except CapsuleError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(_template_dict(t, []), indent=2))
+    else:
+        click.echo(
+            f"template {t.name} saved from {capsule_id} ({t.allocated / 2**20:.1f} MiB, "
+            f"{t.memory_mib} MiB RAM, {t.vcpus} vCPU): "
+            f"`wrenn-tui capsule create --template {t.name}`"
+        )
+
+
+@template.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def template_list(as_json: bool) -> None:
+    """List the built-in (image) and saved templates."""
+
+    async def listing(m: Any) -> Any:
+        return [(t, m.template_users(t.name)) for t in m.list_templates()]
+
+    rows = _run(_with_manager(listing))
+    if as_json:
+        click.echo(json.dumps([_template_dict(t, users) for t, users in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no templates: run `wrenn-tui image build`")
+    for t, users in rows:
+        size = "any size" if t.builtin else f"{t.memory_mib} MiB {t.vcpus} vCPU {t.network}"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.created_at))
+        click.echo(
+            f"{t.name:<20} {'image' if t.builtin else 'saved':<6} {size:<24} "
+            f"{t.allocated / 2**20:>8.1f} MiB  {created}  from {t.source}  "
+            f"{len(users)} capsule(s)"
+        )
+
+
+@template.command("get")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def template_get(name: str, as_json: bool) -> None:
+    """Show one template and the capsules that use it."""
+    from backend.capsules.errors import CapsuleError
+
+    async def get(m: Any) -> Any:
+        return m.templates.get(name), m.template_users(name)
+
+    try:
+        t, users = _run(_with_manager(get))
+    except CapsuleError as exc:
+        _fail(exc)
+    data = _template_dict(t, users)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        click.echo(f"{key:<12} {value}")
+
+
+@template.command("rm")
+@click.argument("name")
+def template_rm(name: str) -> None:
+    """Remove a saved template (refused while capsules use it)."""
+    from backend.capsules.errors import CapsuleError
+
+    try:
+        _run(_with_manager(lambda m: m.template_remove(name)))
+    except CapsuleError as exc:
+        _fail(exc)
+    click.echo(f"template {name} removed")
+
+
+if __name__ == "__main__":
+    main()

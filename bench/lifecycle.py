@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.capsules.manager import CapsuleManager
+from backend.capsules.snapshots import SnapshotManifest
 from backend.config import Paths, default_paths
 
 READ_200MB = "dd if=/dev/vda of=/dev/null bs=1M count=200 status=none"
@@ -98,6 +99,7 @@ async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
         out["snapshot_read_prepare_bytes"] = snap.total_allocated
         out["snapshot_read_prepare_pause_s"] = round(snap.pause_seconds, 3)
         await manager.destroy(capsule.id)
+        await _templates_and_forks(manager, memory_mib, out)
     finally:
         for leftover in manager.list_capsules():
             await manager.destroy(leftover.id)
@@ -112,6 +114,9 @@ async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
     out["read_prepare_over_noprepare"] = round(
         out["snapshot_read_prepare_bytes"] / out["snapshot_read_noprepare_bytes"], 3
     )
+    out["create_from_template_over_warm"] = round(
+        out["create_from_template_s"] / out["create_warm_s"], 3
+    )
     out["targets"] = {
         "resume_s<=0.6": out["resume_s"] <= 0.6,
         "resume<=10%_cold_boot": out["resume_over_cold_boot"] <= 0.10,
@@ -122,8 +127,62 @@ async def run(memory_mib: int, cycles: int) -> dict[str, Any]:
         "create_warm<=15%_cold_boot": out["create_warm_over_cold_boot"] <= 0.15,
         "8_at_once_healthy_within_5s": out["create_8_at_once_healthy"] == 8
         and out["create_8_at_once_s"] <= 5.0,
+        "template_from_capsule_s<=2.0": out["template_from_capsule_s"] <= 2.0,
+        "source_stopped_ms<=1000": out["source_stopped_ms"] <= 1000,
+        "create_from_template<=1.2x_warm": out["create_from_template_over_warm"] <= 1.2,
+        "fork_s<=1.5": out["fork_s"] <= 1.5,
+        "fork_8_s<=6_all_healthy": out["fork_8_s"] <= 6.0 and out["fork_8_healthy"] == 8,
+        "disk_bytes_per_capsule_from_template<=16MiB": out["disk_bytes_per_capsule_from_template"]
+        <= 16 << 20,
     }
     return out
+
+
+# a process holding 100 MB of the guest's memory (the working set templates and forks copy)
+HOLD_100MB = (
+    "nohup python3 -c 'import os, time; held = os.urandom(100 << 20); time.sleep(1e9)' "
+    ">/dev/null 2>&1 & sleep 4"
+)
+
+
+async def _templates_and_forks(
+    manager: CapsuleManager, memory_mib: int, out: dict[str, Any]
+) -> None:
+    source = await manager.create(memory_mib=memory_mib)
+    await manager.exec(source.id, HOLD_100MB)
+    t = time.monotonic()
+    template = await manager.template_create(source.id, "bench")
+    out["template_from_capsule_s"] = round(time.monotonic() - t, 3)
+    saved = SnapshotManifest.load(Path(template.path))
+    assert saved is not None
+    out["source_stopped_ms"] = round(saved.timings["vcpus_stopped"] * 1000)
+    out["template_bytes"] = template.allocated
+
+    made, times = [], []
+    for _ in range(3):
+        t = time.monotonic()
+        made.append(await manager.create(template="bench"))
+        times.append(time.monotonic() - t)
+    out["create_from_template_s"] = round(statistics.median(times), 3)
+    await asyncio.sleep(2)
+    out["disk_bytes_per_capsule_from_template"] = max(
+        manager.layout.disk(c.id).stat().st_blocks * 512 for c in made
+    )
+    for c in made:
+        await manager.destroy(c.id)
+
+    t = time.monotonic()
+    [one] = await manager.fork(source.id)
+    out["fork_s"] = round(time.monotonic() - t, 3)
+    await manager.destroy(one.id)
+    t = time.monotonic()
+    eight = await manager.fork(source.id, count=8)
+    out["fork_8_s"] = round(time.monotonic() - t, 3)
+    out["fork_8_healthy"] = sum([(await manager.exec(c.id, "true")).exit_code == 0 for c in eight])
+    for c in eight:
+        await manager.destroy(c.id)
+    await manager.destroy(source.id)
+    await manager.template_remove("bench")
 
 
 def main() -> None:

@@ -11,8 +11,13 @@ from backend.config import default_paths
 from . import DEFAULT_HOST, DEFAULT_PORT
 
 
-def environment(key: str, url: str) -> str:
-    return f"export E2B_API_KEY={key}\nexport E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}"
+def environment(url: str) -> str:
+    """What to export; the key itself is never printed (terminal scrollback and logs keep
+    it): the line reads it with `wrenn-tui api-key`."""
+    return (
+        "export E2B_API_KEY=$(wrenn-tui api-key)\n"
+        f"export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}"
+    )
 
 
 @click.command()
@@ -49,7 +54,7 @@ async def _serve(host: str, port: int, key: str) -> None:
         await server.start()
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"wrenn-tui agent API on http://{shown}:{server.port} (Ctrl-C stops it)")
-        click.echo(environment(key, f"http://{shown}:{server.port}"))
+        click.echo(environment(f"http://{shown}:{server.port}"))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +46,12 @@ ENVD_VERSION = "0.6.4"
 """What the SDK is told envd is: no SDK feature up to this version is gated off."""
 CLIENT_ID = "wrenn-tui"
 DEFAULT_TIMEOUT_S = 300
+MAX_TIMEOUT_S = 86_400
+"""The longest timeout a client may set (E2B's own maximum: 24 h); anything longer is a 400."""
+TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A template name: never a path (`../../x`)."""
+MAX_PAGE = 1000
+MAX_NEXT_TOKEN = 1_000_000
 TEMPLATE_ALIASES = {"base": "default"}
 """E2B's default template name, and ours."""
 DEFAULT_USER = "user"
@@ -77,7 +85,11 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        # A time no calendar holds (a record from before timeouts were bounded).
+        return NO_END
 
 
 def e2b_info(capsule: Capsule) -> dict[str, Any]:
@@ -98,13 +110,30 @@ async def json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-def opt_int(body: dict[str, Any], key: str) -> int | None:
+def opt_int(body: dict[str, Any], key: str, maximum: int = MAX_TIMEOUT_S) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise HttpError(400, f"{key} must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise HttpError(400, f"{key} must be an integer from 0 to {maximum}")
     return value
+
+
+def query_int(request: Request, key: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(key) or str(default)
+    # ASCII digits only: int() also takes other scripts' digits, and no client means those.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not low <= int(raw) <= high:
+        raise HttpError(400, f"{key} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def guest_number(value: object, default: float, low: float = 0, high: float = 2**63) -> float:
+    """A figure the guest reported (untrusted): a finite number in range, else `default`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return float(default)
+    if not (math.isfinite(value) and low <= value <= high):
+        return float(default)
+    return float(value)
 
 
 def str_map(body: dict[str, Any], key: str) -> dict[str, str]:
@@ -123,18 +152,6 @@ def rootfs_size_mb(capsule: Capsule) -> int:
         return (Path(capsule.image_dir) / "rootfs.ext4").stat().st_size >> 20
     except OSError:
         return 0
-
-
-def page_args(request: Request) -> tuple[int, int]:
-    """(start, limit) from `nextToken` and `limit` (E2B's pagination)."""
-    try:
-        limit = int(request.query_params.get("limit", "100"))
-        start = int(request.query_params.get("nextToken") or "0")
-    except ValueError:
-        raise HttpError(400, "limit and nextToken must be integers") from None
-    if start < 0:
-        raise HttpError(400, "nextToken must not be negative")
-    return start, max(1, min(limit, 1000))
 
 
 class Api:
@@ -230,6 +247,10 @@ class Api:
         template_id = body.get("templateID")
         if not isinstance(template_id, str) or not template_id:
             raise HttpError(400, "templateID is required")
+        if not TEMPLATE_ID.fullmatch(template_id):
+            raise HttpError(
+                400, "templateID is a name of letters, digits, '.', '_' and '-' (up to 64)"
+            )
         template = TEMPLATE_ALIASES.get(template_id, template_id)
         if not self.capsules.has_template(template):
             raise HttpError(404, f"template {template_id!r} not found (`wrenn-tui image list`)")
@@ -350,7 +371,8 @@ class Api:
             key=lambda c: c.started_at or c.created_at,
             reverse=request.query_params.get("order", "desc") != "asc",
         )
-        start, limit = page_args(request)
+        limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+        start = query_int(request, "nextToken", 0, 0, MAX_NEXT_TOKEN)
         page = capsules[start : start + limit]
         headers = {}
         if start + limit < len(capsules):
@@ -386,19 +408,19 @@ class Api:
         sample = await self.capsules.metrics(capsule)
         if sample is None:
             return JSONResponse([])
-        ts = float(sample.get("ts") or time.time())
+        ts = guest_number(sample.get("ts"), time.time(), 0, 1e11)
         return JSONResponse(
             [
                 {
                     "timestamp": iso(ts),
                     "timestampUnix": int(ts),
-                    "cpuCount": int(sample.get("cpu_count") or capsule.vcpus),
-                    "cpuUsedPct": float(sample.get("cpu_used_pct") or 0.0),
-                    "memUsed": int(sample.get("mem_used") or 0),
-                    "memTotal": int(sample.get("mem_total") or 0),
-                    "memCache": int(sample.get("mem_cache") or 0),
-                    "diskUsed": int(sample.get("disk_used") or 0),
-                    "diskTotal": int(sample.get("disk_total") or 0),
+                    "cpuCount": int(guest_number(sample.get("cpu_count"), capsule.vcpus)),
+                    "cpuUsedPct": guest_number(sample.get("cpu_used_pct"), 0.0, 0, 100),
+                    "memUsed": int(guest_number(sample.get("mem_used"), 0)),
+                    "memTotal": int(guest_number(sample.get("mem_total"), 0)),
+                    "memCache": int(guest_number(sample.get("mem_cache"), 0)),
+                    "diskUsed": int(guest_number(sample.get("disk_used"), 0)),
+                    "diskTotal": int(guest_number(sample.get("disk_total"), 0)),
                 }
             ]
         )
@@ -440,7 +462,8 @@ class Api:
             if (not sandbox_id or t.source == sandbox_id) and (not name or t.name == name)
         ]
         found.sort(key=lambda t: t.created_at, reverse=True)
-        start, limit = page_args(request)
+        limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+        start = query_int(request, "nextToken", 0, 0, MAX_NEXT_TOKEN)
         headers = {}
         if start + limit < len(found):
             headers["x-next-token"] = str(start + limit)

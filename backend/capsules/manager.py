@@ -30,13 +30,12 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from backend import sparse
-from backend.capsules import snapshots
+from backend.capsules import copying, snapshots
 from backend.capsules.actions import Action, require
-from backend.capsules.disks import flatten, make_overlay
+from backend.capsules.disks import make_overlay
 from backend.capsules.envd_client import EnvdError, ExecResult
 from backend.capsules.errors import CapsuleError, CapsuleNotFound, SnapshotCorrupt
 from backend.capsules.guest import Envd, EnvdFactory, init_body, metadata_json, real_envd
@@ -47,7 +46,6 @@ from backend.capsules.networking import CapsuleNetworks, NetworkUnavailable
 from backend.capsules.snapshots import CaptureSpec, DiskFrom, SnapshotManifest
 from backend.capsules.store import Store
 from backend.capsules.templates import (
-    MAX_FORK,
     Template,
     TemplateStore,
     WarmSnapshots,
@@ -243,6 +241,10 @@ class CapsuleManager:
         its checksums (the event log says which)."""
         found = self.templates.get(template)
         if not found.builtin:
+            if cold:
+                raise CapsuleError(
+                    f"template {template!r} is a saved capsule state: it cannot boot cold"
+                )
             return await self._create_from_template(found, memory_mib, vcpus, network, auto_pause_s)
         memory_mib = DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib
         vcpus = 1 if vcpus is None else vcpus
@@ -690,171 +692,20 @@ class CapsuleManager:
                 )
             )
 
-    # -- templates and fork -----------------------------------------------------------------
+    # -- templates and fork (backend/capsules/copying.py) ----------------------------------
 
     async def template_create(self, capsule_id: str, name: str) -> Template:
         """Save a running or paused capsule as template `name`. A running capsule is stopped
         only while its RAM and disk are copied; a paused one stays paused."""
-        self.templates.check_new_name(name)
-        async with self.locks.hold(capsule_id):
-            source = self.get(capsule_id)
-            require(source, Action.TEMPLATE)
-            with self.layout.work_dir("template") as work:
-                captured = await self._capture_for_copy(source, work / "capture")
-                out = work / name
-                out.mkdir(mode=0o700)
-                base = Path(source.image_dir) / "rootfs.ext4"
-                await flatten(captured.directory / snapshots.DISK, out / snapshots.DISK, base)
-                for part in (snapshots.RAM, snapshots.DEVICE_STATE):
-                    (captured.directory / part).rename(out / part)
-                disk_allocated = sparse.allocated_bytes(out / snapshots.DISK)
-                manifest = replace(
-                    captured,
-                    path=str(out),
-                    disk_allocated=disk_allocated,
-                    disk_sha256=await asyncio.to_thread(
-                        sparse.sparse_checksum, out / snapshots.DISK
-                    ),
-                )
-                manifest.write()
-                for part in (snapshots.DISK, snapshots.RAM, snapshots.DEVICE_STATE):
-                    (out / part).chmod(0o400)
-                    await asyncio.to_thread(sparse.fsync_file, out / part)
-                template = self.templates.install(
-                    out,
-                    Template(
-                        name=name,
-                        builtin=False,
-                        source=source.id,
-                        created_at=time.time(),
-                        image_dir=source.image_dir,
-                        memory_mib=source.memory_mib,
-                        vcpus=source.vcpus,
-                        network=source.network,
-                        accel=source.accel,
-                        allocated=manifest.total_allocated,
-                    ),
-                )
-            self.event(
-                source.id,
-                "template",
-                f"saved as template {name} ({manifest.total_allocated / 2**20:.1f} MiB)",
-            )
-            return template
+        return await copying.save_template(self, capsule_id, name)
 
     async def template_remove(self, name: str) -> None:
         self.templates.remove(name, lambda: self.template_users(name))
 
-    async def _capture_for_copy(self, source: Capsule, out: Path) -> SnapshotManifest:
-        """The source's state at one instant, in `out` (uncommitted): captured from its VM,
-        which keeps running, or copied from its latest generation if it is paused."""
-        if source.state == State.PAUSED:
-            generation = SnapshotManifest.load(self.layout.generation(source.id, source.generation))
-            if generation is None:
-                raise CapsuleError(
-                    f"snapshot generation {source.generation} of {source.id} is missing"
-                )
-            out.mkdir(mode=0o700)
-            for part in (snapshots.RAM, snapshots.DISK):
-                await asyncio.to_thread(
-                    sparse.sparse_copy, generation.directory / part, out / part, fsync=False
-                )
-            shutil.copyfile(generation.directory / snapshots.DEVICE_STATE, out / "vmstate")
-            manifest = replace(generation, path=str(out))
-            manifest.write()
-            return manifest
-        vm = self.vm(source)
-        if vm is None:
-            raise CapsuleError(f"cannot capture {source.id}: its QEMU is not running")
-        spec = CaptureSpec(
-            source.memory_mib, source.vcpus, source.network, source.accel, source.access_token
-        )
-        self.save(source.with_(extra={**source.extra, "capturing": True}))
-        try:
-            async with self.envd(source, timeout=30) as envd:
-                capture = await snapshots.capture(
-                    vm,
-                    envd,
-                    out,
-                    spec,
-                    ram_file=self.layout.ram_file(source.id),
-                    disk=self.layout.disk(source.id),
-                    keep_running=True,
-                )
-        finally:
-            current = self.store.get(source.id)
-            if current is not None:
-                extra = {k: v for k, v in current.extra.items() if k != "capturing"}
-                self.save(current.with_(extra=extra))
-        self.event(
-            source.id,
-            "capture",
-            f"captured at one instant (vCPUs stopped {capture.stopped_s * 1000:.0f} ms)",
-        )
-        return capture.manifest
-
     async def fork(self, capsule_id: str, count: int = 1) -> list[Capsule]:
         """`count` new capsules, each with the source's memory and disk at one instant; the
         source keeps running (or stays paused). All start, or none is left."""
-        if not isinstance(count, int) or not 1 <= count <= MAX_FORK:
-            raise CapsuleError(f"fork count must be 1..{MAX_FORK}, not {count!r}")
-        async with self.locks.hold(capsule_id):
-            source = self.get(capsule_id)
-            require(source, Action.FORK)
-            with self.layout.work_dir("fork") as work:
-                captured = await self._capture_for_copy(source, work / "capture")
-                clones = []
-                for _ in range(count):
-                    clone = self._new_capsule(
-                        source.template,
-                        Path(source.image_dir),
-                        source.memory_mib,
-                        source.vcpus,
-                        source.network,
-                        source.auto_pause_s,
-                        source.accel,
-                        fork_of=source.id,
-                        init_token=source.access_token,
-                    )
-                    clones.append(clone)
-                started = time.monotonic()
-                results = await asyncio.gather(
-                    *(self._start_clone(c, captured, source) for c in clones),
-                    return_exceptions=True,
-                )
-            failures = [r for r in results if isinstance(r, BaseException)]
-            made = [r for r in results if isinstance(r, Capsule)]
-            if failures:
-                for clone in clones:
-                    with contextlib.suppress(CapsuleError):
-                        await self.destroy(clone.id)
-                first = failures[0]
-                raise CapsuleError(
-                    f"fork of {source.id} failed ({len(failures)} of {count} clones): {first}"
-                ) from (first if isinstance(first, Exception) else None)
-            self.event(
-                source.id,
-                "fork",
-                f"{count} clone(s) in {time.monotonic() - started:.2f} s: "
-                + ", ".join(c.id for c in made),
-            )
-            return made
-
-    async def _start_clone(
-        self, clone: Capsule, captured: SnapshotManifest, source: Capsule
-    ) -> Capsule:
-        async with self.locks.hold(clone.id):
-            clone = await self._register(clone)
-            self.event(clone.id, "create", f"fork of {source.id}")
-            started = time.monotonic()
-            clone, _ = await self._start_from(
-                clone,
-                captured,
-                DiskFrom(),
-                f"the capture of {source.id}",
-                token=source.access_token,
-            )
-            return self._running(clone, started, f"forked from {source.id}", "fork")
+        return await copying.fork(self, capsule_id, count)
 
     # -- destroy ----------------------------------------------------------------------------
 

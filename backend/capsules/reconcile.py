@@ -65,11 +65,17 @@ class Reconciler:
             if capsule.extra.get("capturing") or not await self._vcpus_running(vm):
                 await self._run_again(capsule, vm, "a capture was interrupted")
                 self._save_running(capsule, "capture interrupted by an agent restart")
+        elif state == State.PENDING and capsule.extra.get("fork_of"):
+            # a fork is all or nothing: its unfinished clones go, started or not
+            if alive:
+                assert vm is not None
+                vm.kill()
+                await vm.wait_exit(5)
+            await self.m.networks.teardown(capsule)
+            self._remove(capsule, "fork interrupted by an agent restart")
         elif state in (State.PENDING, State.RESUMING) and alive:
             assert vm is not None
             await self._complete_start(capsule, vm)
-        elif state == State.PENDING and capsule.extra.get("fork_of"):
-            self._remove(capsule, "fork interrupted by an agent restart")
         elif state == State.RESUMING and self.m.layout.generation_ready(
             capsule.id, capsule.generation
         ):

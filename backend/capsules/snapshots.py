@@ -202,6 +202,7 @@ async def capture(
             stopped = False
             stopped_s = time.monotonic() - stopped_at
             mark("running_again")
+            timings["vcpus_stopped"] = round(stopped_s, 3)
         else:
             disk_sha = await asyncio.to_thread(_link_or_copy, disk, out / DISK)
             stopped_s = time.monotonic() - stopped_at

@@ -31,7 +31,7 @@ from .pty_ws import PtyConnection
 from .service import Envd
 from .state import InitRequest
 from .users import Account
-from .validation import Fields, parse_signal
+from .validation import Fields, ascii_digits, parse_signal
 
 log = logging.getLogger("envd.app")
 
@@ -45,7 +45,7 @@ def error_response(error: ApiError) -> JSONResponse:
 
 async def read_json(request: Request, *, allow_empty: bool = False) -> object:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_JSON_BODY:
+    if length is not None and ascii_digits(length) and int(length) > MAX_JSON_BODY:
         raise ApiError(
             413, "payload_too_large", f"JSON bodies are limited to {MAX_JSON_BODY} bytes"
         )
@@ -72,6 +72,8 @@ async def read_json(request: Request, *, allow_empty: bool = False) -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"body is not valid JSON: {exc}", "bad_json") from None
+    except RecursionError:
+        raise bad_request("body is JSON nested too deeply", "bad_json") from None
 
 
 def query_flag(request: Request, name: str) -> bool:
@@ -284,7 +286,7 @@ def create_app(envd: Envd) -> Starlette:
     return Starlette(
         # The Connect RPC façade (the E2B SDK's protocol) on the same managers and port.
         routes=[*Api(envd).routes(), *connect.routes(envd)],
-        middleware=[Middleware(AuthMiddleware, expected_token=lambda: envd.state.access_token)],
+        middleware=[Middleware(AuthMiddleware, state=envd.state)],
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,

@@ -1,9 +1,12 @@
 """backend/ never imports the TUI: the CLI and the dashboard share one backend API."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import backend
 
@@ -66,3 +69,67 @@ def test_importing_the_backend_api_loads_no_textual() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _backend_imports(path: Path) -> set[str]:
+    """The backend modules a file imports, dotted (`backend.capsules.store`)."""
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("backend"))
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.startswith("backend")
+        ):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+# lower layers never reach up: (files, module prefixes they must not import)
+LAYERS = [
+    ("sparse.py", ("backend.capsules", "backend.image", "backend.runtime", "backend.api")),
+    ("image", ("backend.capsules", "backend.api", "backend.sampler")),
+    ("runtime", ("backend.capsules", "backend.api", "backend.sampler", "backend.image")),
+    ("capsules", ("backend.api", "backend.sampler")),
+]
+
+
+@pytest.mark.parametrize(("where", "forbidden"), LAYERS, ids=[w for w, _ in LAYERS])
+def test_layers_point_one_way(where: str, forbidden: tuple[str, ...]) -> None:
+    root = BACKEND / where
+    files = [root] if root.is_file() else list(root.rglob("*.py"))
+    offenders = {
+        str(p.relative_to(BACKEND)): sorted(
+            m for m in _backend_imports(p) if m.startswith(forbidden)
+        )
+        for p in files
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_capsules_see_the_runtime_through_its_interface() -> None:
+    """Only the manager names QEMU (as the default runtime); the rest of capsules/ is written
+    against backend/runtime/base.py."""
+    for path in (BACKEND / "capsules").rglob("*.py"):
+        if path.name == "manager.py":
+            continue
+        qemu = [m for m in _backend_imports(path) if m.startswith("backend.runtime.qemu")]
+        assert not qemu, f"{path.name} imports {qemu}"
+
+
+def test_settings_are_read_in_config_only() -> None:
+    """Every WRENN_* environment setting of the host agent is read in backend/config.py."""
+    pattern = re.compile(r"""(environ|getenv)\W+["']WRENN_""")
+    offenders = [
+        str(p.relative_to(BACKEND.parent))
+        for root in (BACKEND, BACKEND.parent / "tui")
+        for p in root.rglob("*.py")
+        if p != BACKEND / "config.py"
+        and not p.is_relative_to(BACKEND / "envd")  # the guest agent has its own settings
+        and pattern.search(p.read_text())
+    ]
+    assert offenders == []

@@ -128,12 +128,18 @@ class FilesystemService:
         shown = st
         if stat.S_ISLNK(st.st_mode):
             info["isSymlink"] = True
-            target = os.path.realpath(real)
-            info["symlinkTarget"] = self.resolver.to_virtual(Path(target))
-            try:
-                shown = os.stat(real)
-            except OSError:
+            target = Path(os.path.realpath(real))
+            if not self.resolver.contains(target):
+                # Host mode, a link out of the root: what is there is none of the API's
+                # business (not its path, size or owner); the link is shown as itself.
                 info["type"] = "FILE_TYPE_SYMLINK"
+                info["symlinkTarget"] = ""
+            else:
+                info["symlinkTarget"] = self.resolver.to_virtual(target)
+                try:
+                    shown = os.stat(real)
+                except OSError:
+                    info["type"] = "FILE_TYPE_SYMLINK"
         if "type" not in info:
             if stat.S_ISDIR(shown.st_mode):
                 info["type"] = "FILE_TYPE_DIRECTORY"

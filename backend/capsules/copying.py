@@ -1,0 +1,204 @@
+"""Copies of a capsule at one instant: saved as a template (`template_create`) or started as
+new capsules (`fork`). Both capture the source with the one snapshot writer
+(backend/capsules/snapshots.py) into a locked work dir; a running source is stopped only while
+its RAM and disk are copied, a paused one is copied from its latest generation. Nothing becomes
+visible until it is complete: a template is renamed into place after fsync, a fork's clones are
+all started or all removed (and an agent killed meanwhile leaves work dirs and pending clones
+that the next start-up removes: backend/capsules/reconcile.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from backend import sparse
+from backend.capsules import snapshots
+from backend.capsules.actions import Action, require
+from backend.capsules.disks import flatten
+from backend.capsules.envd_client import EnvdError
+from backend.capsules.errors import CapsuleError, SnapshotCorrupt
+from backend.capsules.models import Capsule, State
+from backend.capsules.snapshots import CaptureSpec, DiskFrom, SnapshotManifest
+from backend.capsules.templates import MAX_FORK, Template
+from backend.runtime.base import VMMError
+
+if TYPE_CHECKING:
+    from backend.capsules.manager import CapsuleManager
+
+COPY_ERRORS = (VMMError, EnvdError, SnapshotCorrupt, OSError)
+
+
+async def save_template(m: CapsuleManager, capsule_id: str, name: str) -> Template:
+    """Save a running or paused capsule as template `name`. A running capsule is stopped
+    only while its RAM and disk are copied; a paused one stays paused."""
+    m.templates.check_new_name(name)
+    async with m.locks.hold(capsule_id):
+        source = m.get(capsule_id)
+        require(source, Action.TEMPLATE)
+        try:
+            template = await _write_template(m, source, name)
+        except COPY_ERRORS as exc:
+            raise CapsuleError(
+                f"template {name!r} from {source.id} failed: {exc}; {source.id} is unchanged"
+            ) from exc
+        m.event(
+            source.id,
+            "template",
+            f"saved as template {name} ({template.allocated / 2**20:.1f} MiB)",
+        )
+        return template
+
+
+async def _write_template(m: CapsuleManager, source: Capsule, name: str) -> Template:
+    with m.layout.work_dir("template") as work:
+        captured = await _capture(m, source, work / "capture")
+        out = work / name
+        out.mkdir(mode=0o700)
+        base = Path(source.image_dir) / "rootfs.ext4"
+        await flatten(captured.directory / snapshots.DISK, out / snapshots.DISK, base)
+        for part in (snapshots.RAM, snapshots.DEVICE_STATE):
+            (captured.directory / part).rename(out / part)
+        disk_allocated = sparse.allocated_bytes(out / snapshots.DISK)
+        manifest = replace(
+            captured,
+            path=str(out),
+            disk_allocated=disk_allocated,
+            disk_sha256=await asyncio.to_thread(sparse.sparse_checksum, out / snapshots.DISK),
+        )
+        manifest.write()
+        for part in (snapshots.DISK, snapshots.RAM, snapshots.DEVICE_STATE):
+            (out / part).chmod(0o400)
+            await asyncio.to_thread(sparse.fsync_file, out / part)
+        template = m.templates.install(
+            out,
+            Template(
+                name=name,
+                builtin=False,
+                source=source.id,
+                created_at=time.time(),
+                image_dir=source.image_dir,
+                memory_mib=source.memory_mib,
+                vcpus=source.vcpus,
+                network=source.network,
+                accel=source.accel,
+                allocated=manifest.total_allocated,
+            ),
+        )
+    return template
+
+
+async def _capture(m: CapsuleManager, source: Capsule, out: Path) -> SnapshotManifest:
+    """The source's state at one instant, in `out` (uncommitted): captured from its VM,
+    which keeps running, or copied from its latest generation if it is paused."""
+    if source.state == State.PAUSED:
+        generation = SnapshotManifest.load(m.layout.generation(source.id, source.generation))
+        if generation is None:
+            raise CapsuleError(f"snapshot generation {source.generation} of {source.id} is missing")
+        out.mkdir(mode=0o700)
+        for part in (snapshots.RAM, snapshots.DISK):
+            await asyncio.to_thread(
+                sparse.sparse_copy, generation.directory / part, out / part, fsync=False
+            )
+        shutil.copyfile(generation.directory / snapshots.DEVICE_STATE, out / snapshots.DEVICE_STATE)
+        manifest = replace(generation, path=str(out))
+        manifest.write()
+        return manifest
+    vm = m.vm(source)
+    if vm is None:
+        raise CapsuleError(f"cannot capture {source.id}: its QEMU is not running")
+    spec = CaptureSpec(
+        source.memory_mib, source.vcpus, source.network, source.accel, source.access_token
+    )
+    m.save(source.with_(extra={**source.extra, "capturing": True}))
+    try:
+        async with m.envd(source, timeout=30) as envd:
+            capture = await snapshots.capture(
+                vm,
+                envd,
+                out,
+                spec,
+                ram_file=m.layout.ram_file(source.id),
+                disk=m.layout.disk(source.id),
+                keep_running=True,
+            )
+    finally:
+        current = m.store.get(source.id)
+        if current is not None:
+            extra = {k: v for k, v in current.extra.items() if k != "capturing"}
+            m.save(current.with_(extra=extra))
+    m.event(
+        source.id,
+        "capture",
+        f"captured at one instant (vCPUs stopped {capture.stopped_s * 1000:.0f} ms)",
+    )
+    return capture.manifest
+
+
+async def fork(m: CapsuleManager, capsule_id: str, count: int = 1) -> list[Capsule]:
+    """`count` new capsules, each with the source's memory and disk at one instant; the
+    source keeps running (or stays paused). All start, or none is left."""
+    if not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+        raise CapsuleError(f"fork count must be 1..{MAX_FORK}, not {count!r}")
+    async with m.locks.hold(capsule_id):
+        source = m.get(capsule_id)
+        require(source, Action.FORK)
+        with m.layout.work_dir("fork") as work:
+            captured = await _capture(m, source, work / "capture")
+            clones = []
+            for _ in range(count):
+                clone = m._new_capsule(
+                    source.template,
+                    Path(source.image_dir),
+                    source.memory_mib,
+                    source.vcpus,
+                    source.network,
+                    source.auto_pause_s,
+                    source.accel,
+                    fork_of=source.id,
+                    init_token=source.access_token,
+                )
+                clones.append(clone)
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(_start_clone(m, c, captured, source) for c in clones),
+                return_exceptions=True,
+            )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        made = [r for r in results if isinstance(r, Capsule)]
+        if failures:
+            for clone in clones:
+                with contextlib.suppress(CapsuleError):
+                    await m.destroy(clone.id)
+            first = failures[0]
+            raise CapsuleError(
+                f"fork of {source.id} failed ({len(failures)} of {count} clones): {first}"
+            ) from (first if isinstance(first, Exception) else None)
+        m.event(
+            source.id,
+            "fork",
+            f"{count} clone(s) in {time.monotonic() - started:.2f} s: "
+            + ", ".join(c.id for c in made),
+        )
+        return made
+
+
+async def _start_clone(
+    m: CapsuleManager, clone: Capsule, captured: SnapshotManifest, source: Capsule
+) -> Capsule:
+    async with m.locks.hold(clone.id):
+        clone = await m._register(clone)
+        m.event(clone.id, "create", f"fork of {source.id}")
+        started = time.monotonic()
+        clone, _ = await m._start_from(
+            clone,
+            captured,
+            DiskFrom(),
+            f"the capture of {source.id}",
+            token=source.access_token,
+        )
+        return m._running(clone, started, f"forked from {source.id}", "fork")
