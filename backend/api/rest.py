@@ -61,6 +61,7 @@ account; the dashboard's shell and `capsule exec` stay root)."""
 NO_END = "2999-12-31T23:59:59Z"
 """endAt of a capsule no E2B client gave a timeout: it never ends by itself."""
 SETTLE_DEADLINE_S = 120.0
+METRIC_BUCKET_S = 5
 E2B = "e2b"
 
 SHOWN = {
@@ -152,6 +153,25 @@ def rootfs_size_mb(capsule: Capsule) -> int:
         return (Path(capsule.image_dir) / "rootfs.ext4").stat().st_size >> 20
     except OSError:
         return 0
+
+
+def query_time(request: Request, key: str) -> datetime | None:
+    """An ISO 8601 time (naive: UTC) or unix seconds from the query string; 400 otherwise."""
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        if re.fullmatch(r"[0-9]{1,11}", raw):
+            return datetime.fromtimestamp(int(raw), UTC)
+        value = datetime.fromisoformat(raw)
+    except (ValueError, OverflowError):
+        raise HttpError(400, f"{key} must be an ISO 8601 time or unix seconds") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def started(capsule: Capsule) -> datetime:
+    """When the capsule started, exactly as `startedAt` shows it (microseconds)."""
+    return datetime.fromtimestamp(capsule.started_at or capsule.created_at, UTC)
 
 
 class Api:
@@ -350,9 +370,12 @@ class Api:
         if raw_metadata:
             wanted = {unquote(k): unquote(v) for k, v in parse_qsl(raw_metadata)}
         template = request.query_params.get("template")
+        started_after = query_time(request, "startedAfter")
         out = []
         for capsule in self.capsules.list():
             if SHOWN.get(capsule.state) not in states:
+                continue
+            if started_after is not None and started(capsule) < started_after:
                 continue
             info = e2b_info(capsule)
             metadata = info.get("metadata", {})
@@ -403,12 +426,20 @@ class Api:
 
     async def metrics(self, request: Request) -> Response:
         capsule = self.find(request.path_params["sandbox_id"])
+        start = query_time(request, "start")
+        end = query_time(request, "end")
         if capsule.state != State.RUNNING:
             return JSONResponse([])
         sample = await self.capsules.metrics(capsule)
         if sample is None:
             return JSONResponse([])
         ts = guest_number(sample.get("ts"), time.time(), 0, 1e11)
+        # Only the current sample is served; it belongs to a range that ends (at second
+        # precision, E2B buckets samples by 5 s) no earlier than it was taken.
+        if (start is not None and ts < start.timestamp() - METRIC_BUCKET_S) or (
+            end is not None and ts > end.timestamp() + METRIC_BUCKET_S
+        ):
+            return JSONResponse([])
         return JSONResponse(
             [
                 {
