@@ -332,6 +332,19 @@ def snapshots_and_fork(name: str) -> dict[str, Any]:
         source.kill()
 
 
+def kill_during_run() -> dict[str, Any]:
+    """A command's stream when its sandbox is killed under it: the SDK says the sandbox is
+    gone (SandboxNotRunningException), not that the stream was cut short."""
+    sandbox = Sandbox.create()
+    handle = sandbox.commands.run("sleep 60", background=True, timeout=0)
+    sandbox.kill()
+    try:
+        handle.wait()
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    raise AssertionError("wait() returned for a killed sandbox")
+
+
 def main() -> None:
     scenario, *args = sys.argv[1:]
     if scenario == "lifecycle":
@@ -344,6 +357,8 @@ def main() -> None:
         out = connect_run(*args)
     elif scenario == "drive-pty":
         out = drive_pty(*args)
+    elif scenario == "kill-during-run":
+        out = kill_during_run()
     elif scenario == "base-environment":
         out = base_environment()
     elif scenario == "snapshots-and-fork":

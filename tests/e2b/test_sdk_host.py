@@ -225,3 +225,13 @@ def test_list_started_after_and_metrics_in_a_time_range(host_api: ServerThread) 
         assert before.status_code == 200 and before.json() == []
         bad = client.get(f"/sandboxes/{sandbox_id}/metrics", params={"start": "soon"})
         assert bad.status_code == 400
+
+
+def test_a_command_whose_sandbox_is_killed_ends_as_on_e2b(
+    host_api: ServerThread, sdk_python: Path
+) -> None:
+    """The proxy ends a Connect stream cut by the sandbox's end with UNAVAILABLE; the SDK
+    then probes the sandbox, finds it gone and says so."""
+    out = run_sdk(sdk_python, host_api.key, host_api.url, "kill-during-run")
+    assert out["error"] == "SandboxNotRunningException", out
+    assert "killed or reached its end of life" in out["message"], out
