@@ -12,7 +12,6 @@ from backend.capsules.errors import CapsuleError
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import Capsule, Event
 from backend.capsules.templates import Template
-from backend.image.builder import ImageBuilder
 from backend.sampler import SERIES, Sampler
 
 
@@ -23,7 +22,9 @@ class Capsules(Protocol):
 
     def list(self) -> list[Capsule]: ...
 
-    def has_template(self, name: str) -> bool: ...
+    def has_template(self, name: str) -> bool:
+        """A built-in template (an image) or a user template (a saved capsule)."""
+        ...
 
     async def create(
         self,
@@ -35,8 +36,23 @@ class Capsules(Protocol):
         auto_pause_s: int = 0,
         capsule_id: str | None = None,
     ) -> Capsule:
-        """Returns once envd in the capsule answers."""
+        """Returns once envd in the capsule answers. `network` None: the template's own mode
+        (a user template's), or `none`."""
         ...
+
+    def snapshots(self) -> builtins.list[Template]:
+        """The user templates (E2B calls them snapshots)."""
+        ...
+
+    async def snapshot(self, capsule_id: str, name: str) -> Template:
+        """Save a running or paused capsule as template `name` (TemplateExists if taken)."""
+        ...
+
+    async def delete_snapshot(self, name: str) -> None:
+        """TemplateNotFound, TemplateInUse, or CapsuleError for a built-in template."""
+        ...
+
+    async def fork(self, capsule_id: str, count: int) -> builtins.list[Capsule]: ...
 
     async def pause(self, capsule_id: str) -> None: ...
 
@@ -56,8 +72,9 @@ class Capsules(Protocol):
         """An entry in the capsule's event log (shown by the dashboard)."""
         ...
 
-    async def set_env(self, capsule: Capsule, env: dict[str, str]) -> None:
-        """Environment variables for every later process in the capsule."""
+    async def init_guest(self, capsule: Capsule, fields: dict[str, Any]) -> None:
+        """Fields of envd's /init (envVars, defaultUser, defaultWorkdir) for every later
+        process in the capsule."""
         ...
 
     async def metrics(self, capsule: Capsule) -> dict[str, Any] | None: ...
@@ -99,7 +116,7 @@ class ManagerCapsules:
         return self.manager.list_capsules()
 
     def has_template(self, name: str) -> bool:
-        return ImageBuilder(self.manager.paths, name).installed() is not None
+        return (self.manager.templates.user(name) or self.manager.templates.image(name)) is not None
 
     async def create(
         self,
@@ -119,6 +136,18 @@ class ManagerCapsules:
             auto_pause_s=auto_pause_s,
             capsule_id=capsule_id,
         )
+
+    def snapshots(self) -> builtins.list[Template]:
+        return [t for t in self.manager.list_templates() if not t.builtin]
+
+    async def snapshot(self, capsule_id: str, name: str) -> Template:
+        return await self.manager.template_create(capsule_id, name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        await self.manager.template_remove(name)
+
+    async def fork(self, capsule_id: str, count: int) -> builtins.list[Capsule]:
+        return await self.manager.fork(capsule_id, count)
 
     async def pause(self, capsule_id: str) -> None:
         await self.manager.pause(capsule_id)
@@ -143,12 +172,12 @@ class ManagerCapsules:
     def note(self, capsule_id: str, kind: str, message: str) -> None:
         self.manager.store.add_event(capsule_id, kind, message)
 
-    async def set_env(self, capsule: Capsule, env: dict[str, str]) -> None:
+    async def init_guest(self, capsule: Capsule, fields: dict[str, Any]) -> None:
         try:
             async with EnvdClient(capsule.envd_url, capsule.access_token) as envd:
-                await envd.init(envVars=env)
+                await envd.init(**fields)
         except EnvdError as exc:
-            raise CapsuleError(f"setting the environment of {capsule.id} failed: {exc}") from exc
+            raise CapsuleError(f"setting up the guest of {capsule.id} failed: {exc}") from exc
 
     async def metrics(self, capsule: Capsule) -> dict[str, Any] | None:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import time
 import zlib
@@ -105,6 +106,57 @@ def port_closed(sandbox_id: str, port: str) -> JSONResponse:
         },
         status_code=502,
     )
+
+
+CONNECT_STREAM_TYPES = ("application/connect+json", "application/connect+proto")
+END_STREAM_FLAG = 0x02
+
+
+def is_connect_stream(headers: httpx.Headers) -> bool:
+    return headers.get("content-type", "").split(";")[0].strip().lower() in CONNECT_STREAM_TYPES
+
+
+class ConnectFraming:
+    """Follows the envelopes (1 flag byte, 4 length bytes, message) of a Connect stream as
+    it passes through, to know whether a cut fell between two messages."""
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._remaining = 0
+        self.ended = False
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            if self._remaining:
+                step = min(self._remaining, len(view))
+                self._remaining -= step
+                view = view[step:]
+                continue
+            need = 5 - len(self._header)
+            self._header += view[:need]
+            view = view[need:]
+            if len(self._header) == 5:
+                self.ended = self.ended or bool(self._header[0] & END_STREAM_FLAG)
+                self._remaining = int.from_bytes(self._header[1:5], "big")
+                self._header.clear()
+
+    def at_boundary(self) -> bool:
+        return not self._header and not self._remaining and not self.ended
+
+
+def stream_cut_end(sandbox_id: str) -> bytes:
+    """The end-of-stream message of a stream whose sandbox went away under it."""
+    body = json.dumps(
+        {
+            "error": {
+                "code": "unavailable",
+                "message": f"the connection to sandbox {sandbox_id} ended before the stream "
+                "completed",
+            }
+        }
+    ).encode()
+    return bytes([END_STREAM_FLAG]) + len(body).to_bytes(4, "big") + body
 
 
 async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -204,14 +256,21 @@ class SandboxProxy:
             if name.lower() not in HOP_BY_HOP
         }
 
+        framing = ConnectFraming() if is_connect_stream(upstream.headers) else None
+
         async def relay() -> AsyncIterator[bytes]:
             try:
                 async for chunk in upstream.aiter_raw():
+                    if framing is not None:
+                        framing.feed(chunk)
                     yield chunk
             except httpx.HTTPError as exc:
-                # Mid-stream: the status is sent already; ending the body early is all
-                # that is left to say (the SDK reports the stream as cut off).
+                # Mid-stream: the status is sent already. A Connect stream cut between two
+                # messages ends as E2B's proxy ends it (UNAVAILABLE: the SDK then probes the
+                # sandbox and reports it killed); anything else can only end early.
                 log.info("stream from %s ended early: %r", sandbox_id, exc)
+                if framing is not None and framing.at_boundary():
+                    yield stream_cut_end(sandbox_id)
             finally:
                 await upstream.aclose()
 

@@ -56,6 +56,10 @@ class TemplateNotFound(CapsuleNotFound):
     pass
 
 
+class TemplateExists(CapsuleError):
+    pass
+
+
 class TemplateInUse(CapsuleError):
     def __init__(self, name: str, capsules: list[str]) -> None:
         listed = ", ".join(capsules[:10]) + (" ..." if len(capsules) > 10 else "")
@@ -177,7 +181,7 @@ class TemplateStore:
     def check_new_name(self, name: str) -> None:
         check_name(name)
         if self.user(name) is not None or self.image(name) is not None:
-            raise CapsuleError(f"a template named {name!r} exists already")
+            raise TemplateExists(f"a template named {name!r} exists already")
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket
 from . import __version__, connect
 from .auth import AuthMiddleware
 from .errors import STATUS_CODES, ApiError, bad_request
+from .files import parse_metadata
 from .processes import Encoding, ExecRequest, StartRequest
 from .pty_ws import PtyConnection
 from .service import Envd
@@ -158,10 +159,13 @@ class Api:
                     "the client went away before the upload was complete", "incomplete_upload"
                 ) from None
 
+        metadata = parse_metadata(request.headers.items())
         if media == "multipart/form-data":
-            result = await self.envd.files.upload_multipart(chunks(), content_type, path, account)
+            result = await self.envd.files.upload_multipart(
+                chunks(), content_type, path, account, metadata
+            )
         elif media == "application/octet-stream":
-            result = await self.envd.files.upload_raw(chunks(), path, account)
+            result = await self.envd.files.upload_raw(chunks(), path, account, metadata)
         else:
             raise ApiError(
                 415,
