@@ -26,7 +26,7 @@ from backend.capsules.models import Capsule, State
 from backend.sampler import Tick
 from tui.terminal import TerminalPane, session_tag
 from tui.terminal.attach import AttachError, attach_fullscreen
-from tui.widgets.capsule_table import SPARK_POINTS, CapsuleTable, CapsuleView, SortMode
+from tui.widgets.capsule_table import SPARK_MAX, CapsuleTable, CapsuleView, SortMode
 from tui.widgets.sparkline import SparkHistory
 from tui.widgets.status_bar import StatusBar, StatusInfo
 
@@ -69,7 +69,7 @@ class MainScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.pending_ticks: list[Tick] = []
-        self.sparks = SparkHistory(SPARK_SERIES, SPARK_POINTS)
+        self.sparks = SparkHistory(SPARK_SERIES, SPARK_MAX)
         self.last_tick: Tick | None = None
         self.last_tick_at = time.monotonic()
         self.filter_text = ""
@@ -186,7 +186,7 @@ class MainScreen(Screen[None]):
         if capsule.id not in self.sparks:
             self.sparks.seed(
                 capsule.id,
-                {name: sampler.history(capsule.id, name, SPARK_POINTS) for name in SPARK_SERIES},
+                {name: sampler.history(capsule.id, name, SPARK_MAX) for name in SPARK_SERIES},
             )
         running = capsule.state == State.RUNNING
         return CapsuleView(
