@@ -11,16 +11,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.capsules.manager import CapsuleManager
+from backend.capsules.manager import DEFAULT_MEMORY_MIB, CapsuleManager
 from backend.capsules.models import Capsule, Event, Snapshot
 from backend.capsules.templates import MAX_FORK, Template
+from backend.capsules.usage import DiskUsage, Reclaimable, UsageScanner
 from backend.config import Paths
 from backend.image.builder import ImageBuilder
 from backend.image.errors import ImageBuildError
 from backend.runtime.accel import probe_accel
 from backend.runtime.network import MODES
 
-__all__ = ["MAX_FORK", "ImageBuildFailed", "ManagerPort", "TemplateInfo"]
+__all__ = [
+    "MAX_FORK",
+    "DiskUsage",
+    "ImageBuildFailed",
+    "ManagerPort",
+    "Reclaimable",
+    "TemplateInfo",
+]
 
 NETWORK_MODES: tuple[str, ...] = tuple(MODES)
 DEFAULT_TEMPLATE = "default"
@@ -68,6 +76,8 @@ class ManagerPort:
         self.manager = manager
         self.paths: Paths = manager.paths
         self.network_modes = NETWORK_MODES
+        self.default_memory_mib = DEFAULT_MEMORY_MIB
+        self._usage = UsageScanner(manager.paths, manager.layout, manager.store)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -134,6 +144,15 @@ class ManagerPort:
         return await self.manager.fork(capsule_id, count)
 
     # -- the image and the host -------------------------------------------------------------
+
+    async def disk_usage(self) -> DiskUsage:
+        """Walks the state, image and cache trees (in a thread)."""
+        return await asyncio.to_thread(self._usage.scan, self._usage.states())
+
+    async def free_space(self) -> list[Reclaimable]:
+        """Remove orphan RAM files, half-written snapshots and abandoned work dirs; never
+        what a capsule or template needs (backend/capsules/usage.py)."""
+        return await self._usage.free(self.manager.locks)
 
     def image_present(self) -> bool:
         return ImageBuilder(self.paths).installed() is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -35,13 +36,14 @@ from tui import format as fmt
 from tui import messages as msg
 from tui.commands import CapsuleCommands
 from tui.context import Dashboard
-from tui.host import HostProbe, probe_host
+from tui.host import HostProbe, capacity, probe_host
 from tui.sampling import MetricsSampler
 from tui.screens.build_image import BuildImageScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.create import CreateRequest, CreateScreen
 from tui.screens.detail import DetailScreen
 from tui.screens.help import HelpScreen
+from tui.screens.host import HostReport, HostScreen
 from tui.screens.main import MainScreen
 from tui.screens.prompt import PromptScreen
 from tui.screens.templates import TemplatesScreen
@@ -65,7 +67,7 @@ class WrennApp(App[None]):
         sampler: MetricsSampler | None = None,
         *,
         clock: Callable[[], float] = time.time,
-        host_probe: HostProbe = probe_host,
+        host_probe: HostProbe | None = None,
         accel: str | None = None,
         cursor_blink: bool = True,
     ) -> None:
@@ -85,7 +87,7 @@ class WrennApp(App[None]):
             else Sampler(ManagerSource(self.manager), store=self.manager.store)
         )
         self.clock = clock
-        self.host_probe = host_probe
+        self.host_probe: HostProbe = host_probe or functools.partial(probe_host, self.paths.state)
         self.accel = accel
         self.cursor_blink = cursor_blink
         self.operations: dict[str, str] = {}
@@ -220,6 +222,29 @@ class WrennApp(App[None]):
     def on_template_remove_requested(self, message: msg.TemplateRemoveRequested) -> None:
         self.request_template_remove(message.name)
 
+    def on_host_requested(self, _: msg.HostRequested) -> None:
+        if not isinstance(self.screen, HostScreen):
+            self.push_screen(HostScreen())
+
+    def on_host_refresh_wanted(self, _: msg.HostRefreshWanted) -> None:
+        self.measure_host()
+
+    def on_free_space_requested(self, _: msg.FreeSpaceRequested) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.free_space()
+
+        self.push_screen(
+            ConfirmScreen(
+                "Free space?",
+                "Removes RAM files of capsules that have no VM, half-written snapshots and "
+                "work directories no process holds. Nothing a capsule or template needs is "
+                "touched (each is checked again under its capsule's lock).",
+                "Free",
+            ),
+            answered,
+        )
+
     def on_help_requested(self, _: msg.HelpRequested) -> None:
         self.show_help(self.screen)
 
@@ -245,6 +270,48 @@ class WrennApp(App[None]):
             )
             return False
         return True
+
+    # -- the host -----------------------------------------------------------------------------
+
+    @work(exclusive=True, exit_on_error=False, group="host")
+    async def measure_host(self) -> None:
+        screens = [s for s in self.screen_stack if isinstance(s, HostScreen)]
+        if not screens:
+            return
+        try:
+            usage = await self.backend.disk_usage()
+            capsules = self.backend.list_capsules()
+        except Exception as exc:
+            self.report_failure("measuring the host", exc)
+            return
+        running = [c for c in capsules if c.state == State.RUNNING]
+        host = self.host_probe()
+        report = HostReport(
+            host=host,
+            room=capacity(
+                host,
+                (self.sampler.latest(c.id) for c in running),
+                self.backend.default_memory_mib,
+            ),
+            running=len(running),
+            default_mib=self.backend.default_memory_mib,
+            usage=usage,
+            sampler=self.sampler.stats,
+        )
+        for screen in screens:
+            screen.show(report)
+
+    @work(exclusive=True, exit_on_error=False, group="host-free")
+    async def free_space(self) -> None:
+        try:
+            removed = await self.backend.free_space()
+        except Exception as exc:
+            self.report_failure("freeing space", exc)
+            return
+        finally:
+            self.measure_host()
+        total = sum(item.size for item in removed)
+        self.notify(f"freed {fmt.size(total)} ({len(removed)} items)", title="Space freed")
 
     # -- capsule operations -----------------------------------------------------------------
 
@@ -294,6 +361,7 @@ class WrennApp(App[None]):
             return None
         finally:
             self.capsules_changed()
+            self.templates_changed()
         boot_s = capsule.extra.get("boot_s")
         took = f" in {boot_s:.1f} s" if isinstance(boot_s, float) else ""
         how = "started" if request.saved_template else "booted"
@@ -416,6 +484,7 @@ class WrennApp(App[None]):
                 return []
             finally:
                 self.capsules_changed()
+                self.templates_changed()
         self.notify(
             f"{capsule_id} forked: {', '.join(c.id for c in clones)}", title="Forked", markup=False
         )

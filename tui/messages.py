@@ -64,3 +64,15 @@ class HelpRequested(Message):
 
 class ImageBuildRequested(Message):
     pass
+
+
+class HostRequested(Message):
+    """Open the host view."""
+
+
+class HostRefreshWanted(Message):
+    """The host view wants its figures measured again."""
+
+
+class FreeSpaceRequested(Message):
+    """Remove what the host view found reclaimable (asks first)."""

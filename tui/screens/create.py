@@ -116,7 +116,8 @@ class CreateScreen(ModalScreen[CreateRequest | None]):
         if self.saved_template is None:
             self.query_one("#memory", Input).focus()
         else:
-            self.query_one("#template", Select).focus()
+            # nothing to fill in: enter creates
+            self.query_one("#create", Button).focus()
 
     @property
     def template(self) -> str:

@@ -26,6 +26,7 @@ from backend.capsules.actions import TRANSITIONAL, Action, allowed
 from backend.capsules.models import Capsule, State
 from backend.sampler import Tick
 from tui import messages as msg
+from tui.host import capacity
 from tui.terminal import TerminalPane, session_tag
 from tui.terminal.attach import AttachError, attach_fullscreen
 from tui.widgets.capsule_table import SPARK_MAX, CapsuleTable, CapsuleView, SortMode
@@ -53,6 +54,7 @@ class MainScreen(Screen[None]):
         Binding("t", "template", "Template"),
         Binding("f", "fork", "Fork"),
         Binding("T", "templates", "Templates", key_display="T"),
+        Binding("H", "host", "Host", key_display="H"),
         Binding("s", "shell", "Shell"),
         Binding("A", "attach", "Attach", key_display="A"),
         Binding("x", "close_shell", "Close shell"),
@@ -223,13 +225,21 @@ class MainScreen(Screen[None]):
         app = self.wrenn
         states = [c.state for c in capsules]
         stats = self.last_tick.stats if self.last_tick is not None else app.sampler.stats
+        host = app.host_probe()
+        room = capacity(
+            host,
+            (app.sampler.latest(c.id) for c in capsules if c.state == State.RUNNING),
+            app.backend.default_memory_mib,
+        )
         self.query_one(StatusBar).show(
             StatusInfo(
                 running=states.count(State.RUNNING),
                 paused=states.count(State.PAUSED),
                 busy=sum(states.count(s) for s in TRANSITIONAL),
                 failed=states.count(State.ERROR),
-                host=app.host_probe(),
+                host=host,
+                fits=room.fits,
+                warnings=room.warnings,
                 tick_p99_ms=stats.tick_p99_ms if stats.ticks else None,
                 accel=app.accel,
                 sort=self.table.row_sort.label,
@@ -321,6 +331,9 @@ class MainScreen(Screen[None]):
 
     def action_templates(self) -> None:
         self.post_message(msg.TemplatesRequested())
+
+    def action_host(self) -> None:
+        self.post_message(msg.HostRequested())
 
     def action_sort(self, mode: str) -> None:
         table = self.table

@@ -25,6 +25,9 @@ class StatusInfo:
     sort: str = ""
     filter: str = ""
     sampler_stalled: bool = False
+    fits: int | None = None
+    """More capsules of the default size the host's memory has room for."""
+    warnings: tuple[str, ...] = ()
 
 
 class StatusBar(Static):
@@ -92,7 +95,12 @@ def _parts(info: StatusInfo) -> list[tuple[int, Text]]:
         host.append(f"CPU {fmt.percent(info.host.cpu_pct)}", style="bold")
         host.append(" mem ")
         host.append(f"{fmt.size(info.host.mem_used)}/{fmt.size(info.host.mem_total)}", style="bold")
+        if info.fits is not None:
+            host.append(" room ")
+            host.append(f"+{info.fits}", style="bold" if info.fits else "bold red")
     parts: list[tuple[int, Text]] = [(9, counts), (8, host)]
+    if info.warnings:
+        parts.insert(1, (10, Text("⚠ " + "; ".join(info.warnings), style="bold red")))
     accel = (info.accel or "…").upper()
     parts.append((5, Text(accel, style="bold green" if accel == "KVM" else "bold yellow")))
     sort = Text("sort ")
