@@ -194,8 +194,9 @@ class CapsuleManager:
         except VMMError:
             return None
 
-    def list_templates(self) -> list[Template]:
-        return self.templates.all()
+    def list_templates(self, include_hidden: bool = False) -> list[Template]:
+        """Images and saved templates (with `include_hidden`: recipe layers too)."""
+        return self.templates.all(include_hidden)
 
     def template_users(self, name: str) -> list[str]:
         """Capsules whose disk (or snapshot) builds on template `name`."""
@@ -234,18 +235,22 @@ class CapsuleManager:
         network: str | None = None,
         cold: bool = False,
         progress: Progress | None = None,
+        labels: dict[str, object] | None = None,
     ) -> Capsule:
         """Start a capsule from a template: a user template's snapshot (its size and network
         mode are the template's), or an image's warm snapshot (built on first use of a size),
         or a cold boot of the image with `cold=True` or when that snapshot is missing or fails
-        its checksums (the event log says which)."""
+        its checksums (the event log says which). `labels` go into the capsule's `extra` from
+        its first record (a recipe build marks its capsule so)."""
         found = self.templates.get(template)
         if not found.builtin:
             if cold:
                 raise CapsuleError(
                     f"template {template!r} is a saved capsule state: it cannot boot cold"
                 )
-            return await self._create_from_template(found, memory_mib, vcpus, network, auto_pause_s)
+            return await self._create_from_template(
+                found, memory_mib, vcpus, network, auto_pause_s, labels or {}
+            )
         memory_mib = DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib
         vcpus = 1 if vcpus is None else vcpus
         network = network or "none"
@@ -254,7 +259,14 @@ class CapsuleManager:
         image_dir = Path(found.image_dir)
         runtime = self.runtime(image_dir)
         capsule = self._new_capsule(
-            template, image_dir, memory_mib, vcpus, network, auto_pause_s, runtime.accel
+            template,
+            image_dir,
+            memory_mib,
+            vcpus,
+            network,
+            auto_pause_s,
+            runtime.accel,
+            **(labels or {}),
         )
         async with self.locks.hold(capsule.id):
             capsule = await self._register(capsule)
@@ -441,6 +453,7 @@ class CapsuleManager:
         vcpus: int | None,
         network: str | None,
         auto_pause_s: int,
+        labels: dict[str, object],
     ) -> Capsule:
         for asked, fixed, what in (
             (memory_mib, template.memory_mib, "memory (MiB)"),
@@ -468,6 +481,7 @@ class CapsuleManager:
             auto_pause_s,
             runtime.accel,
             init_token=snapshot.envd_token,
+            **labels,
         )
         async with self.locks.hold(capsule.id):
             # recorded under the template lock: `template rm` sees this capsule as a user
@@ -489,6 +503,11 @@ class CapsuleManager:
                     DiskFrom(overlay_on=Path(template.path) / snapshots.DISK),
                     f"template {template.name}",
                 )
+                defaults = template.process_defaults()
+                if defaults:
+                    # a recipe's ENV, WORKDIR, USER: envd's defaults for every later process
+                    async with self.envd(capsule) as envd:
+                        await envd.init(**defaults)
             except (SnapshotCorrupt, VMMError, EnvdError, OSError, CapsuleError) as exc:
                 await self._kill(capsule)
                 self.layout.cleanup_run_files(capsule.id)
