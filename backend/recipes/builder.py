@@ -149,15 +149,17 @@ class RecipeBuilder:
                 "(see `wrenn-tui template list`)"
             ) from None
         copies: dict[int, CopyPlan] = {}
-        keys: list[str] = []
-        parent = self._base_identity(base)
         for index, step in enumerate(recipe.steps):
-            text = step.text
             if step.instruction == "COPY":
                 try:
                     copies[index] = plan_copy(step, context)
                 except RecipeError as exc:
                     raise RecipeError(f"{recipe_file}: {exc}") from None
+        keys: list[str] = []
+        parent = self._base_identity(base)
+        for index, step in enumerate(recipe.steps):
+            text = step.text
+            if index in copies:
                 text += f"\n{copies[index].digest}"
             parent = _key(parent, text)
             keys.append(parent)

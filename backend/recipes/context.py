@@ -138,6 +138,7 @@ def write_tar(plan: CopyPlan, out: Path) -> int:
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
             info.mode = e.mode
+            info.mtime = int(e.source.lstat().st_mtime)
             if e.kind == "dir":
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
