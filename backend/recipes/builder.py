@@ -231,6 +231,8 @@ class RecipeBuilder:
         self.progress(f"starting the build capsule from {what}")
         capsule = await self.m.create(template=parent.name, labels=builds.labels(name, work))
         defaults = Defaults.of(parent)
+        started: dict[str, str] = {}
+        """START processes of this build: tag -> where."""
         try:
             for index in range(first, len(steps)):
                 step = steps[index]
@@ -238,9 +240,18 @@ class RecipeBuilder:
                 began = time.monotonic()
                 where = f"step {index + 1}/{len(steps)} ({step.instruction} at line {step.line})"
                 await self._step(capsule, step, copies.get(index), defaults, work, where)
+                if step.instruction == "START":
+                    started[_start_tag(step)] = where
                 parent = await self._save_layer(
                     capsule, step, parent, keys[: index + 1], defaults, work, no_cache
                 )
+                try:
+                    await self._check_started(capsule, started)
+                except BuildFailed:
+                    # the layer may hold a dead START process: it must not be reused
+                    with contextlib.suppress(CapsuleError):
+                        await self.m.template_remove(parent.name)
+                    raise
                 self.progress(
                     f"[{index + 1}/{len(steps)}] done in {time.monotonic() - began:.1f} s"
                 )
@@ -389,7 +400,7 @@ class RecipeBuilder:
         self.output(f"copied {len(plan.entries)} item(s), {size / 2**20:.1f} MiB")
 
     async def _start(self, capsule: Capsule, step: Step, where: str) -> None:
-        tag = f"start-{step.line}"
+        tag = _start_tag(step)
         async with self._client(capsule) as client:
             response = await client.post("/processes", json={"cmd": step.command, "tag": tag})
             if response.status_code >= 400:
@@ -402,6 +413,18 @@ class RecipeBuilder:
                     _failure(where, f"exited at once with {info.get('exit_code')}", tail)
                 )
         self.output(f"started pid {info.get('pid')} (tag {tag}), left running")
+
+    async def _check_started(self, capsule: Capsule, started: dict[str, str]) -> None:
+        """Every START process still runs (checked after each layer is taken: one that died
+        before the capture must not be in the template)."""
+        if not started:
+            return
+        async with self._client(capsule) as client:
+            for tag, where in started.items():
+                info = (await client.get(f"/processes/{tag}")).json()
+                if not info.get("alive"):
+                    tail = await self._process_output(client, tag)
+                    raise BuildFailed(_failure(where, f"exited with {info.get('exit_code')}", tail))
 
     async def _process_output(self, client: httpx.AsyncClient, tag: str) -> list[str]:
         lines: list[str] = []
@@ -549,6 +572,10 @@ def _unshared_bytes(directory: Path) -> int:
             if info.st_nlink == 1:
                 total += info.st_blocks * 512
     return total
+
+
+def _start_tag(step: Step) -> str:
+    return f"start-{step.line}"
 
 
 def _quote(text: str) -> str:
