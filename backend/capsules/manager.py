@@ -412,10 +412,12 @@ class CapsuleManager:
         disk: DiskFrom,
         what: str,
         token: str | None = None,
+        init_extra: dict[str, object] | None = None,
     ) -> tuple[Capsule, dict[str, float]]:
         """Run `capsule` from a snapshot: envd answers and has the capsule's identity.
 
-        `token` is the one envd holds in that snapshot (default: the capsule's own)."""
+        `token` is the one envd holds in that snapshot (default: the capsule's own);
+        `init_extra`: more /init fields (a template's process defaults)."""
         started = time.monotonic()
         run_dir = self.layout.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -441,7 +443,11 @@ class CapsuleManager:
         capsule = holder[0]
         async with self.envd(capsule, token=token or snapshot.envd_token) as envd:
             await snapshots.bring_up(
-                vm, envd, capsule.memory_mib, init_body(capsule), RESUME_DEADLINE_S
+                vm,
+                envd,
+                capsule.memory_mib,
+                {**init_body(capsule), **(init_extra or {})},
+                RESUME_DEADLINE_S,
             )
         timings["init"] = round(time.monotonic() - started, 3)
         return capsule, timings
@@ -502,12 +508,9 @@ class CapsuleManager:
                     snapshot,
                     DiskFrom(overlay_on=Path(template.path) / snapshots.DISK),
                     f"template {template.name}",
-                )
-                defaults = template.process_defaults()
-                if defaults:
                     # a recipe's ENV, WORKDIR, USER: envd's defaults for every later process
-                    async with self.envd(capsule) as envd:
-                        await envd.init(**defaults)
+                    init_extra=template.process_defaults(),
+                )
             except (SnapshotCorrupt, VMMError, EnvdError, OSError, CapsuleError) as exc:
                 await self._kill(capsule)
                 self.layout.cleanup_run_files(capsule.id)
