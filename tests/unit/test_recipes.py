@@ -4,7 +4,10 @@ and the removal of a killed build's capsule at start-up."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -274,3 +277,31 @@ async def test_start_up_removes_the_capsule_of_a_build_that_is_over(
         assert live.pid is not None and runtime.vms[live.pid].alive()
     finally:
         await again.close()
+
+
+def test_the_cli_refuses_a_bad_recipe_with_its_line(paths: Paths, tmp_path: Path) -> None:
+    """`template build` prints the error (file and line) and exits 1, having started nothing."""
+    recipe = tmp_path / "Recipe"
+    recipe.write_text("FROM default\nRUN true\nEXPOSE 80\n")
+    env = {
+        **os.environ,
+        "WRENN_STATE_DIR": str(paths.state),
+        "WRENN_CONFIG_DIR": str(paths.config),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "template", "build", "web", "-f", str(recipe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"error: {recipe}: line 3: unknown instruction 'EXPOSE'" in result.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "template", "list", "--all", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert [t["name"] for t in json.loads(listed.stdout)] == ["default"]
