@@ -144,7 +144,7 @@ LAYERS = [
     ("sparse.py", ("backend.capsules", "backend.image", "backend.runtime", "backend.api")),
     ("image", ("backend.capsules", "backend.api", "backend.sampler")),
     ("runtime", ("backend.capsules", "backend.api", "backend.sampler", "backend.image")),
-    ("capsules", ("backend.api", "backend.sampler")),
+    ("capsules", ("backend.api", "backend.sampler", "backend.recipes")),
 ]
 
 
