@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from backend import sparse
-from backend.capsules import copying, snapshots
+from backend.capsules import copying, pausing, snapshots
 from backend.capsules.actions import Action, require
 from backend.capsules.disks import make_overlay
 from backend.capsules.envd_client import EnvdError, ExecResult
@@ -44,7 +42,7 @@ from backend.capsules.layout import CapsuleLayout
 from backend.capsules.locks import CapsuleLocks
 from backend.capsules.models import Capsule, Event, Snapshot, State, new_capsule_id
 from backend.capsules.networking import CapsuleNetworks, NetworkUnavailable
-from backend.capsules.snapshots import CaptureSpec, DiskFrom, SnapshotManifest
+from backend.capsules.snapshots import DiskFrom, SnapshotManifest
 from backend.capsules.store import Store
 from backend.capsules.templates import (
     Template,
@@ -55,7 +53,7 @@ from backend.capsules.templates import (
 from backend.config import Paths
 from backend.runtime.accel import probe_accel
 from backend.runtime.base import VM, BalloonStats, Runtime, VMConfig, VMMError
-from backend.runtime.ports import free_port, port_is_free
+from backend.runtime.ports import free_port
 from backend.runtime.qemu import QemuRuntime
 
 BOOT_DEADLINE_S = 180.0
@@ -532,199 +530,16 @@ class CapsuleManager:
                 raise CapsuleError(reason) from exc
             return self._running(capsule, started, f"started from template {template.name}", "warm")
 
-    # -- pause ------------------------------------------------------------------------------
+    # -- pause and resume (backend/capsules/pausing.py) ------------------------------------
 
     async def pause(self, capsule_id: str, prepare: bool = True) -> Snapshot:
-        """Snapshot a running capsule to disk and stop its VM.
-
-        `prepare=False` skips the guest's page-cache drop: the snapshot then holds the whole
-        page cache (benchmarks use it to show what the preparation saves).
-        """
-        async with self.locks.hold(capsule_id):
-            capsule = self.get(capsule_id)
-            require(capsule, Action.PAUSE)
-            vm = self.vm(capsule)
-            if vm is None:
-                raise CapsuleError(f"cannot pause {capsule_id}: its QEMU is not running")
-            capsule = self.save(capsule.with_(state=State.PAUSING))
-            started = time.monotonic()
-            generation = capsule.generation + 1
-            final = self.layout.generation(capsule.id, generation)
-            try:
-                manifest = await self._capture_generation(capsule, vm, final, prepare)
-            except BaseException as exc:
-                reason = self._pause_failure(capsule, exc)
-                self.event(capsule_id, "error", reason)
-                alive = vm.alive()
-                self.save(
-                    capsule.with_(
-                        state=State.RUNNING if alive else State.ERROR,
-                        reason=reason,
-                        pid=capsule.pid if alive else None,
-                    )
-                )
-                if isinstance(exc, Exception) and not isinstance(exc, CapsuleError):
-                    raise CapsuleError(reason) from exc
-                raise
-            # The generation is durable: from here the capsule is paused whatever else fails.
-            self._vms.pop(capsule.id, None)
-            try:
-                await vm.quit()
-            except Exception as exc:  # the snapshot is safe; a stuck QEMU is killed
-                self.event(capsule.id, "warning", f"QEMU did not quit cleanly: {exc}")
-                vm.kill()
-            return self._paused(capsule, manifest, generation, time.monotonic() - started)
-
-    async def _capture_generation(
-        self, capsule: Capsule, vm: VM, final: Path, prepare: bool
-    ) -> SnapshotManifest:
-        tmp = final.with_name(final.name + ".tmp")
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        final.parent.chmod(0o700)
-        shutil.rmtree(tmp, ignore_errors=True)
-        spec = CaptureSpec(
-            capsule.memory_mib, capsule.vcpus, capsule.network, capsule.accel, capsule.access_token
-        )
-        async with self.envd(capsule, timeout=30) as envd:
-            capture = await snapshots.capture(
-                vm,
-                envd,
-                tmp,
-                spec,
-                ram_file=self.layout.ram_file(capsule.id),
-                disk=self.layout.disk(capsule.id),
-                keep_running=False,
-                prepare=prepare,
-            )
-            try:
-                return snapshots.commit(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                await capture.resume_guest()
-                raise
-
-    def _pause_failure(self, capsule: Capsule, exc: BaseException) -> str:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return (
-                f"pause failed: no space left on the disk holding "
-                f"{self.layout.snapshot_dir(capsule.id)}; the capsule keeps running and its "
-                f"last snapshot (generation {capsule.generation}) is untouched. "
-                "Free some space and pause again"
-            )
-        return f"pause failed: {exc}"
-
-    def _paused(
-        self, capsule: Capsule, manifest: SnapshotManifest, generation: int, pause_s: float
-    ) -> Snapshot:
-        """Record a durable generation. If the state database fails here, the capsule is
-        still recorded as paused on a second try; failing that, it stays `pausing` with the
-        new generation on disk, which the next start reconciles to paused."""
-        snapshot = Snapshot(
-            capsule_id=capsule.id,
-            generation=generation,
-            path=manifest.path,
-            created_at=manifest.created_at,
-            ram_size=manifest.ram_size,
-            ram_allocated=manifest.ram_allocated,
-            ram_sha256=manifest.ram_sha256,
-            disk_allocated=manifest.disk_allocated,
-            disk_sha256=manifest.disk_sha256,
-            state_size=manifest.state_size,
-            state_sha256=manifest.state_sha256,
-            pause_seconds=pause_s,
-        )
-        paused = capsule.with_(
-            state=State.PAUSED,
-            pid=None,
-            generation=generation,
-            reason="",
-            extra={**capsule.extra, "pause_timings": {**manifest.timings, "quit": pause_s}},
-        )
-        last: Exception | None = None
-        for _ in range(2):
-            try:
-                self.store.put_snapshot(snapshot)
-                self.save(paused)
-                last = None
-                break
-            except Exception as exc:
-                last = exc
-        if last is not None:
-            raise CapsuleError(
-                f"{capsule.id} was paused (generation {generation} is on disk) but the state "
-                f"database could not record it: {last}. Restart wrenn-tui to reconcile"
-            ) from last
-        self.layout.cleanup_run_files(capsule.id)
-        for old in self.store.snapshots(capsule.id):
-            if old.generation < generation:
-                self.store.delete_snapshot(capsule.id, old.generation)
-        self.layout.remove_generations_except(capsule.id, generation)
-        self.event(
-            capsule.id,
-            "paused",
-            f"generation {generation}: {manifest.total_allocated / 2**20:.1f} MiB "
-            f"in {pause_s:.2f} s",
-        )
-        return snapshot
-
-    # -- resume -----------------------------------------------------------------------------
+        """Snapshot a running capsule to a new generation on disk and stop its VM.
+        `prepare=False` skips the guest's page-cache drop (benchmarks show what it saves)."""
+        return await pausing.pause(self, capsule_id, prepare)
 
     async def resume(self, capsule_id: str) -> Capsule:
-        async with self.locks.hold(capsule_id):
-            capsule = self.get(capsule_id)
-            require(capsule, Action.RESUME)
-            snapshot = SnapshotManifest.load(self.layout.generation(capsule.id, capsule.generation))
-            if snapshot is None:
-                raise CapsuleError(
-                    f"snapshot generation {capsule.generation} of {capsule_id} is missing"
-                )
-            if capsule.network == "none" and not port_is_free(capsule.host_port):
-                # another program took the forward's port while the capsule was paused
-                old = capsule.host_port
-                capsule = capsule.with_(host_port=free_port())
-                self.event(
-                    capsule.id, "port", f"port {old} is taken; envd now on {capsule.host_port}"
-                )
-            started = time.monotonic()
-            capsule = self.save(
-                capsule.with_(
-                    state=State.RESUMING,
-                    extra={**capsule.extra, "init_token": snapshot.envd_token},
-                )
-            )
-            try:
-                capsule, timings = await self._start_from(
-                    capsule, snapshot, DiskFrom(), f"generation {snapshot.directory.name}"
-                )
-            except BaseException as exc:
-                await self._kill(capsule)
-                self.layout.cleanup_run_files(capsule.id)
-                reason = f"resume failed: {exc}"
-                if isinstance(exc, SnapshotCorrupt):
-                    reason += "; the capsule stays paused"
-                self.event(capsule_id, "error", reason)
-                self.save(capsule.with_(state=State.PAUSED, pid=None, reason=reason))
-                if isinstance(exc, CapsuleError):
-                    raise CapsuleError(reason) from exc
-                if isinstance(exc, Exception):
-                    raise CapsuleError(reason) from exc
-                raise
-            resume_s = time.monotonic() - started
-            self.event(
-                capsule_id,
-                "running",
-                f"resumed generation {capsule.generation} in {resume_s:.2f} s",
-            )
-            extra = {k: v for k, v in capsule.extra.items() if k != "init_token"}
-            return self.save(
-                capsule.with_(
-                    state=State.RUNNING,
-                    started_at=time.time(),
-                    reason="",
-                    last_activity=time.time(),
-                    extra={**extra, "resume_timings": timings, "resume_s": resume_s},
-                )
-            )
+        """Start a paused capsule again from its latest generation."""
+        return await pausing.resume(self, capsule_id)
 
     # -- templates and fork (backend/capsules/copying.py) ----------------------------------
 
