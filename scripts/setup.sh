@@ -24,6 +24,15 @@ if [ "${#missing[@]}" -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/
   fi
 fi
 
+# QEMU drops to this account when the agent runs as root (backend/runtime/qemu.py: -runas)
+if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
+  if ! id wrenn-qemu >/dev/null 2>&1; then
+    echo "setup: creating the system user wrenn-qemu (QEMU runs as it)"
+    $SUDO useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin wrenn-qemu
+  fi
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

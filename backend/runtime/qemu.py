@@ -7,9 +7,10 @@ entropy at boot), serial console to a file. Guest RAM is a shared file under /de
 saves only the device state (`x-ignore-shared`) and copies that file.
 
 Metadata channel: the guest opens TCP 10.0.2.100:80 and reads one JSON document until EOF.
-QEMU's `guestfwd` runs `cat` of a 0600 file in the run dir for each such connection (the
-document holds envd's first access token, so it is never on QEMU's command line, which every
-local user can read); it needs no agent. Metadata is fixed per QEMU process; every resume
+QEMU's `guestfwd` runs `printenv WRENN_METADATA` for each such connection, the document being
+in QEMU's environment (it holds envd's first access token: /proc/<pid>/environ is readable by
+the process's owner only, unlike its command line); it needs no agent and no file access,
+also once QEMU has dropped to its own user. Metadata is fixed per QEMU process; every resume
 starts a new one with fresh metadata.
 
 Device state is migrated through file descriptors the agent opens and passes over QMP
@@ -23,7 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
+import pwd
 import signal
 import subprocess
 import time
@@ -80,7 +81,7 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
     ]
     # slirp parses the command like a shell (quotes, no pipes) and runs it without one;
     # QEMU's option parser needs commas doubled
-    metadata_cmd = ("cat " + shlex.quote(str(c.metadata_file))).replace(",", ",,")
+    metadata_cmd = f"printenv {METADATA_ENV}"
     netdev = (
         f"user,id=n0,restrict={'on' if c.network == 'none' else 'off'},"
         f"hostfwd=tcp:{c.forward_host}:{c.host_port}-:{c.guest_port},"
@@ -110,8 +111,12 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         " ".join(append),
         "-object",
         f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={c.ram_file},share=on",
+        # auto-read-only=off: QEMU keeps the descriptor it opened (as the agent) for the life
+        # of the VM; with it on, a pause's block inactivation re-opens the overlay by path,
+        # which QEMU's own user cannot reach
         "-drive",
-        f"file={c.disk},if=none,id=d0,format=qcow2,cache=writeback,discard=unmap",
+        f"file={c.disk},if=none,id=d0,format=qcow2,cache=writeback,discard=unmap,"
+        "auto-read-only=off",
         "-device",
         "virtio-blk-device,drive=d0",
         "-netdev",
@@ -133,6 +138,13 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "-name",
         f"wrenn-{c.capsule_id},process=wrenn-{c.capsule_id}",
     ]
+    # seccomp: no obsolete system calls, no new privileges beyond what it starts with
+    argv += ["-sandbox", "on,obsolete=deny"]
+    user = qemu_user()
+    if user is not None:
+        # QEMU opens its files, sockets and devices as the agent, then drops to this user
+        # before the guest runs (what it later spawns, the metadata `cat`, runs as it too).
+        argv += ["-runas", user.pw_name]
     if incoming:
         argv += ["-incoming", "defer"]
     if c.netns is not None:
@@ -389,15 +401,27 @@ def _vmm_log_tail(config: VMConfig) -> str:
         return ""
 
 
-def write_metadata(config: VMConfig) -> None:
-    """The guest's metadata document, 0600 from the start, replaced atomically."""
+METADATA_ENV = "WRENN_METADATA"
+"""The environment variable holding the guest's metadata document in QEMU's environment."""
+QEMU_USER = "wrenn-qemu"
+"""The unprivileged account QEMU runs as when the agent is root (scripts/setup.sh makes it)."""
+
+
+def qemu_user() -> pwd.struct_passwd | None:
+    """The account QEMU drops to: QEMU_USER when the agent runs as root and it exists (an
+    agent that is not root already runs QEMU with no privileges but its own)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return None
+
+
+def qemu_env(config: VMConfig) -> dict[str, str]:
+    """QEMU's environment: the agent's, plus the guest's metadata document (compact JSON)."""
     compact = json.dumps(json.loads(config.metadata_json), separators=(",", ":"))
-    tmp = config.metadata_file.with_name(f".{config.metadata_file.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(compact)
-    os.replace(tmp, config.metadata_file)
+    return {**os.environ, METADATA_ENV: compact}
 
 
 class QemuRuntime:
@@ -411,11 +435,11 @@ class QemuRuntime:
     def _spawn(self, config: VMConfig, incoming: bool) -> subprocess.Popen[bytes]:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         config.qmp_socket.unlink(missing_ok=True)
-        write_metadata(config)
         log = config.vmm_log.open("ab")
         try:
             proc = subprocess.Popen(
                 build_argv(config, incoming),
+                env=qemu_env(config),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
