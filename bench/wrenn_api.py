@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -90,6 +91,7 @@ async def sh_echo(capsule: Capsule) -> dict[str, Any]:
             capsule.envd_url + "/exec",
             json={"argv": ["/bin/sh", "-c", "echo hi"], "timeout": 30},
             headers=auth_headers(capsule.access_token),
+            timeout=60,
         )
         result: dict[str, Any] = response.json()
         return result
@@ -107,9 +109,11 @@ async def manager_timings(cycles: int, first: int = 0) -> dict[str, list[float]]
         out[name].append(time.monotonic() - started)
         return value
 
+    made: list[str] = []
     try:
         for i in range(first, first + cycles):
             capsule = await timed("create", manager.create())
+            made.append(capsule.id)
             # what the SDK's run asks envd for (the CLI's exec is `bash -l -c`: slower)
             result = await timed("run_echo", sh_echo(capsule))
             assert result["stdout"] == "hi\n", result
@@ -122,7 +126,11 @@ async def manager_timings(cycles: int, first: int = 0) -> dict[str, list[float]]
             await timed("create_snapshot", manager.template_create(capsule.id, f"bench-m-{i}"))
             await manager.template_remove(f"bench-m-{i}")
             await manager.destroy(capsule.id)
+            made.remove(capsule.id)
     finally:
+        for capsule_id in made:  # a failed cycle leaves no VM behind
+            with contextlib.suppress(Exception):
+                await manager.destroy(capsule_id)
         await manager.close()
     return out
 
