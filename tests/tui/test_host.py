@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
+from backend.config import Paths
+from tests.integration.conftest import destroy_all, sh
 from tests.tui.fakes import FrozenSampler, sample
 from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
 from tui.host import HostTotals, capacity
@@ -111,3 +114,69 @@ async def _host_view(app: RecordingApp, orphan: Path, kept: Path) -> None:
         )
         await pilot.press("escape")
         assert not isinstance(app.screen, HostScreen)
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(600)
+async def test_freeing_space_beside_a_paused_and_a_running_capsule(tui_paths: Paths) -> None:
+    """Orphans lie beside a paused capsule and a running one; `F` removes the orphans only,
+    and both capsules carry on (the paused one resumes with its files, the running one runs)."""
+    app = RecordingApp(tui_paths, cursor_blink=False)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            manager = app.manager
+            layout = manager.layout
+            paused = await app.backend.create("default", 256, 1, "none")
+            await sh(manager, paused.id, "echo still-here > /root/marker")
+            await app.backend.pause(paused.id)
+            running = await app.backend.create("default", 256, 1, "none")
+            ram_of_running = layout.ram_file(running.id)
+            assert ram_of_running.exists()
+            generation = layout.generation(paused.id, manager.get(paused.id).generation)
+            needed = [ram_of_running, *generation.iterdir(), layout.disk(running.id)]
+            orphans = [
+                write_file(layout.ram_dir / "cl-crashed00000.mem", age_s=3600),
+                write_file(layout.ram_file(paused.id)),  # a crash left it after the snapshot
+                write_file(layout.snapshot_dir(paused.id) / "gen-000099.tmp" / "mem"),
+                write_file(layout.work / "fork-dead" / "capture" / "mem"),
+            ]
+            past = time.time() - 3600  # a work dir with no lock, left a while ago
+            os.utime(layout.work / "fork-dead", (past, past))
+            await pilot.press("H")
+            screen = app.screen
+            assert isinstance(screen, HostScreen)
+            await wait_until(
+                pilot,
+                lambda: screen.report is not None and screen.report.usage is not None,
+                timeout=30,
+            )
+            assert screen.report is not None and screen.report.usage is not None
+            found = {item.path for item in screen.report.usage.reclaimable}
+            assert found == {
+                orphans[0],
+                orphans[1],
+                orphans[2].parent,
+                orphans[3].parent.parent,
+            }
+            assert screen.report.room.capsules_cost > 0  # the running QEMU's RSS
+            await pilot.press("F", "y")
+            await wait_until(pilot, lambda: app.notices_of("information"), timeout=30)
+            for path in orphans:
+                assert not path.exists()
+            for path in needed:
+                assert path.exists(), path
+            assert (await sh(manager, running.id, "echo ok")).strip() == "ok"
+            await app.backend.resume(paused.id)
+            assert (await sh(manager, paused.id, "cat /root/marker")).strip() == "still-here"
+            assert app.notices_of("error") == []
+    finally:
+        await destroy_all(tui_paths)
+
+
+def write_file(path: Path, age_s: float = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(MIB))
+    if age_s:
+        past = time.time() - age_s
+        os.utime(path, (past, past))
+    return path

@@ -140,3 +140,15 @@ def test_detail_screen(snap_compare: SnapCompare, frozen_app: WrennApp) -> None:
 
 def test_create_form(snap_compare: SnapCompare, frozen_app: WrennApp) -> None:
     assert snap_compare(frozen_app, press=["n"], terminal_size=(120, 24))
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [["enter"], ["n"], ["question_mark"], ["f"], ["t"], ["ctrl+d"]],
+    ids=["detail", "create", "help", "fork", "template", "confirm"],
+)
+def test_screens_and_dialogs_at_80x24(
+    snap_compare: SnapCompare, frozen_app: WrennApp, keys: list[str]
+) -> None:
+    """Nothing a person must read or press is cut off in the smallest usual terminal."""
+    assert snap_compare(frozen_app, press=keys, terminal_size=(80, 24))

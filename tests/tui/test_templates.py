@@ -114,6 +114,7 @@ async def test_templates_view_lists_users_and_the_image_cannot_be_deleted(
         await pilot.press("T")
         assert isinstance(app.screen, TemplatesScreen)
         screen = app.screen
+        await wait_until(pilot, lambda: screen.is_mounted and screen.table.row_count > 0)
         default = next(t for t in screen.templates if t.name == "default")
         assert default.builtin and default.users == 2 and default.allocated > 0
         assert screen.table.get_cell("default", "users").plain == "2"
@@ -164,6 +165,8 @@ async def test_save_start_from_fork_and_delete_on_real_capsules(vm_paths: Paths)
 
         await pilot.press("T")
         assert isinstance(app.screen, TemplatesScreen)
+        templates_view = app.screen
+        await wait_until(pilot, lambda: templates_view.is_mounted)
         web1 = next(t for t in app.screen.templates if t.name == "web1")
         assert (web1.builtin, web1.source, web1.memory_mib, web1.users) == (
             False,
@@ -224,6 +227,7 @@ async def test_save_start_from_fork_and_delete_on_real_capsules(vm_paths: Paths)
         await pilot.press("T")
         screen = app.screen
         assert isinstance(screen, TemplatesScreen)
+        await wait_until(pilot, lambda: screen.is_mounted)
         screen.table.move_cursor(row=screen.table.get_row_index("web1"))
         await pilot.press("ctrl+d", "y")
         await wait_until(
