@@ -168,6 +168,16 @@ async def test_failing_steps_leave_cached_layers_and_the_existing_template(
         assert manager.templates.user("app") == first, "the existing template is untouched"
     assert not list(manager.layout.work.iterdir())
 
+    # --no-cache runs every step again (same keys: the layers are replaced) and replaces NAME
+    recipe.write_text("FROM default\nRUN echo one > /one.txt\nRUN echo v1 > /v.txt\n")
+    rebuilt = await log.builder(manager).build("app", recipe, no_cache=True)
+    assert rebuilt.cached == 0 and not rebuilt.noop
+    assert "[1/2] line 2: RUN echo one > /one.txt" in log.progress
+    assert rebuilt.template.layers == first.layers
+    assert rebuilt.template.created_at > first.created_at
+    layer = manager.templates.user(layer_name(first.layers[0]))
+    assert layer is not None and layer.created_at > first.created_at
+
     capsule = await manager.create(template="app")
     assert (await sh(manager, capsule.id, "cat /one.txt /v.txt")).split() == ["one", "v1"]
 
