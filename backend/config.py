@@ -79,6 +79,9 @@ class Settings:
     """`WRENN_ACCEL=kvm|tcg` skips the accelerator probe; anything else means probe."""
     debian_mirror: str | None
     """`WRENN_DEBIAN_MIRROR`: the mirror image builds download from (default: apt's own)."""
+    internet_allow: tuple[str, ...] = ()
+    """`WRENN_INTERNET_ALLOW=10.1.0.0/16,192.168.5.7`: ranges an `internet` capsule may reach
+    although they are private or special (blocked by default: backend/runtime/network.py)."""
 
 
 def settings() -> Settings:
@@ -86,6 +89,11 @@ def settings() -> Settings:
     return Settings(
         accel=accel if accel in ("kvm", "tcg") else None,
         debian_mirror=os.environ.get("WRENN_DEBIAN_MIRROR") or None,
+        internet_allow=tuple(
+            part.strip()
+            for part in os.environ.get("WRENN_INTERNET_ALLOW", "").split(",")
+            if part.strip()
+        ),
     )
 
 

@@ -13,7 +13,7 @@ async iterator, :meth:`PtyClient.events`, in order::
             case Output(data): ...            # terminal output, UTF-8 text
             case Exited():     ...            # the program ended; the socket stays usable
             case StateChanged(state): ...     # connected / reconnecting / disconnected / paused
-            case PtyError():   ...            # envd refused a request
+            case RequestFailed():   ...            # envd refused a request
     await client.send_input("ls\\r")           # any time, from any task; never waits for output
 
 Output is handed over with backpressure: while the caller has not consumed about
@@ -104,13 +104,16 @@ class StateChanged:
 
 
 @dataclass(frozen=True)
-class PtyError:
+class RequestFailed:
+    """envd refused or failed one request of the session (an event on the stream; the
+    session itself may go on)."""
+
     code: str
     message: str
     request: str | None = None
 
 
-PtyEvent = Attached | Output | Exited | StateChanged | PtyError
+PtyEvent = Attached | Output | Exited | StateChanged | RequestFailed
 
 
 class PtyClientError(Exception):
@@ -467,7 +470,7 @@ class PtyClient:
                 await self._attach_or_start(first=first)
                 return True
             except PtyClientError as exc:
-                self._push(PtyError(exc.code, exc.message))
+                self._push(RequestFailed(exc.code, exc.message))
                 self._set_state(ConnectionState.CLOSED, exc.message)
                 return False
             except _Transient as exc:
@@ -502,7 +505,7 @@ class PtyClient:
                     raise
                 if not first:
                     # envd no longer knows the session: the capsule was rebooted, not resumed.
-                    self._push(PtyError(exc.code, f"{exc.message}; starting a new shell"))
+                    self._push(RequestFailed(exc.code, f"{exc.message}; starting a new shell"))
                 reply = await self._handshake(ws, self._start_message())
             else:
                 if first and not reply.get("alive", True):
@@ -522,7 +525,7 @@ class PtyClient:
             await self._run()
         except Exception as exc:
             log.exception("pty %s: the client failed", self.tag)
-            self._push(PtyError("client_failed", f"the terminal connection failed: {exc}"))
+            self._push(RequestFailed("client_failed", f"the terminal connection failed: {exc}"))
             self._set_state(ConnectionState.CLOSED, str(exc))
         finally:
             self._event_ready.set()
@@ -571,7 +574,7 @@ class PtyClient:
             )
         elif kind == wire.PTY_ERROR:
             self._push(
-                PtyError(
+                RequestFailed(
                     str(message.get("error")), str(message.get("message")), message.get("request")
                 )
             )

@@ -6,10 +6,18 @@ A sandbox that is unknown or not running is a 502 whose message says it "was not
 (what E2B's proxy answers, and what the SDK turns into its not-running error); a port other
 than envd's is a 502 saying the "port is not open". The access token is envd's to check:
 it travels through untouched.
+
+The upstream URL is built from the capsule's host and port and the request's path, which must
+start with ``/`` (a target such as ``@127.0.0.1:22/x`` is a 400 and nothing is connected). The
+agent's own credentials never reach the guest: ``X-API-KEY`` and any ``Authorization`` other
+than E2B's user identity (``Basic base64("<user>:")``, empty password) are dropped.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import time
 import zlib
@@ -43,7 +51,38 @@ HOP_BY_HOP = frozenset(
         "host",
     }
 )
+# The agent's credentials: never sent on to a guest.
+CREDENTIAL_HEADERS = frozenset({"x-api-key", "cookie", "proxy-authorization"})
 TOUCH_INTERVAL_S = 5.0
+
+
+def bad_target(message: str) -> JSONResponse:
+    return JSONResponse({"code": 400, "message": message}, status_code=400)
+
+
+def is_user_identity(value: str) -> bool:
+    """``Basic base64("<user>:")``: how E2B names the acting user to envd (no secret in it)."""
+    scheme, _, encoded = value.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, ValueError):
+        return False
+    _user, colon, password = decoded.partition(":")
+    return bool(colon) and password == ""
+
+
+def forwarded_headers(request: Request) -> list[tuple[str, str]]:
+    headers = []
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in CREDENTIAL_HEADERS:
+            continue
+        if lower == "authorization" and not is_user_identity(value):
+            continue
+        headers.append((name, value))
+    return headers
 
 
 def not_found(sandbox_id: str) -> JSONResponse:
@@ -67,6 +106,57 @@ def port_closed(sandbox_id: str, port: str) -> JSONResponse:
         },
         status_code=502,
     )
+
+
+CONNECT_STREAM_TYPES = ("application/connect+json", "application/connect+proto")
+END_STREAM_FLAG = 0x02
+
+
+def is_connect_stream(headers: httpx.Headers) -> bool:
+    return headers.get("content-type", "").split(";")[0].strip().lower() in CONNECT_STREAM_TYPES
+
+
+class ConnectFraming:
+    """Follows the envelopes (1 flag byte, 4 length bytes, message) of a Connect stream as
+    it passes through, to know whether a cut fell between two messages."""
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._remaining = 0
+        self.ended = False
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            if self._remaining:
+                step = min(self._remaining, len(view))
+                self._remaining -= step
+                view = view[step:]
+                continue
+            need = 5 - len(self._header)
+            self._header += view[:need]
+            view = view[need:]
+            if len(self._header) == 5:
+                self.ended = self.ended or bool(self._header[0] & END_STREAM_FLAG)
+                self._remaining = int.from_bytes(self._header[1:5], "big")
+                self._header.clear()
+
+    def at_boundary(self) -> bool:
+        return not self._header and not self._remaining and not self.ended
+
+
+def stream_cut_end(sandbox_id: str) -> bytes:
+    """The end-of-stream message of a stream whose sandbox went away under it."""
+    body = json.dumps(
+        {
+            "error": {
+                "code": "unavailable",
+                "message": f"the connection to sandbox {sandbox_id} ended before the stream "
+                "completed",
+            }
+        }
+    ).encode()
+    return bytes([END_STREAM_FLAG]) + len(body).to_bytes(4, "big") + body
 
 
 async def _gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -110,6 +200,10 @@ class SandboxProxy:
 
     async def forward(self, request: Request) -> Response:
         sandbox_id = request.headers.get(SANDBOX_ID_HEADER, "")
+        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        if not raw_path.startswith(b"/"):
+            # Joined to envd's URL, "@host:port/x" would name another host.
+            return bad_target("the request target must be a path starting with '/'")
         port = request.headers.get(SANDBOX_PORT_HEADER, str(ENVD_PORT)).strip()
         try:
             capsule = self.capsules.get(sandbox_id)
@@ -123,11 +217,7 @@ class SandboxProxy:
             # Activity only matters to auto-pause; the record is rewritten only when it does.
             self._touch(capsule.id)
 
-        headers = [
-            (name, value)
-            for name, value in request.headers.items()
-            if name.lower() not in HOP_BY_HOP
-        ]
+        headers = forwarded_headers(request)
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
         body: AsyncIterator[bytes] | None = request.stream() if has_body else None
         encoding = request.headers.get("content-encoding", "").strip().lower()
@@ -138,12 +228,15 @@ class SandboxProxy:
                 for n, v in headers
                 if n.lower() not in ("content-encoding", "content-length")
             ]
-        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
         query: bytes = request.scope.get("query_string", b"")
-        # The path as it came (percent-encoding untouched), so envd sees what the SDK sent.
-        url = capsule.envd_url + raw_path.decode("latin-1")
-        if query:
-            url += "?" + query.decode("latin-1")
+        # Host and port are the capsule's; the path goes as it came (percent-encoding
+        # untouched), so envd sees what the SDK sent.
+        url = httpx.URL(
+            scheme="http",
+            host=capsule.envd_host,
+            port=capsule.host_port,
+            raw_path=raw_path + (b"?" + query if query else b""),
+        )
         upstream_request = self.client.build_request(
             request.method, url, headers=headers, content=body
         )
@@ -163,14 +256,21 @@ class SandboxProxy:
             if name.lower() not in HOP_BY_HOP
         }
 
+        framing = ConnectFraming() if is_connect_stream(upstream.headers) else None
+
         async def relay() -> AsyncIterator[bytes]:
             try:
                 async for chunk in upstream.aiter_raw():
+                    if framing is not None:
+                        framing.feed(chunk)
                     yield chunk
             except httpx.HTTPError as exc:
-                # Mid-stream: the status is sent already; ending the body early is all
-                # that is left to say (the SDK reports the stream as cut off).
+                # Mid-stream: the status is sent already. A Connect stream cut between two
+                # messages ends as E2B's proxy ends it (UNAVAILABLE: the SDK then probes the
+                # sandbox and reports it killed); anything else can only end early.
                 log.info("stream from %s ended early: %r", sandbox_id, exc)
+                if framing is not None and framing.at_boundary():
+                    yield stream_cut_end(sandbox_id)
             finally:
                 await upstream.aclose()
 

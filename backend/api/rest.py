@@ -12,6 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -25,9 +28,17 @@ from starlette.routing import Route
 
 from backend.capsules.errors import CapsuleError, CapsuleNotFound, IllegalTransition
 from backend.capsules.models import Capsule, State
+from backend.capsules.templates import (
+    MAX_FORK,
+    NAME_RULE,
+    Template,
+    TemplateExists,
+    TemplateInUse,
+    TemplateNotFound,
+)
 
 from .capsules import Capsules
-from .keys import key_matches
+from .keys import given_key, key_matches
 
 log = logging.getLogger("wrenn.api")
 
@@ -35,11 +46,22 @@ ENVD_VERSION = "0.6.4"
 """What the SDK is told envd is: no SDK feature up to this version is gated off."""
 CLIENT_ID = "wrenn-tui"
 DEFAULT_TIMEOUT_S = 300
+MAX_TIMEOUT_S = 86_400
+"""The longest timeout a client may set (E2B's own maximum: 24 h); anything longer is a 400."""
+TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A template name: never a path (`../../x`)."""
+MAX_PAGE = 1000
+MAX_NEXT_TOKEN = 1_000_000
 TEMPLATE_ALIASES = {"base": "default"}
 """E2B's default template name, and ours."""
+DEFAULT_USER = "user"
+DEFAULT_WORKDIR = "/home/user"
+"""Who an E2B call acts as when it names no user, as in E2B's `base` (the image has the
+account; the dashboard's shell and `capsule exec` stay root)."""
 NO_END = "2999-12-31T23:59:59Z"
 """endAt of a capsule no E2B client gave a timeout: it never ends by itself."""
 SETTLE_DEADLINE_S = 120.0
+METRIC_BUCKET_S = 5
 E2B = "e2b"
 
 SHOWN = {
@@ -64,7 +86,11 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        # A time no calendar holds (a record from before timeouts were bounded).
+        return NO_END
 
 
 def e2b_info(capsule: Capsule) -> dict[str, Any]:
@@ -85,13 +111,30 @@ async def json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-def opt_int(body: dict[str, Any], key: str) -> int | None:
+def opt_int(body: dict[str, Any], key: str, maximum: int = MAX_TIMEOUT_S) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise HttpError(400, f"{key} must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise HttpError(400, f"{key} must be an integer from 0 to {maximum}")
     return value
+
+
+def query_int(request: Request, key: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(key) or str(default)
+    # ASCII digits only: int() also takes other scripts' digits, and no client means those.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not low <= int(raw) <= high:
+        raise HttpError(400, f"{key} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def guest_number(value: object, default: float, low: float = 0, high: float = 2**63) -> float:
+    """A figure the guest reported (untrusted): a finite number in range, else `default`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return float(default)
+    if not (math.isfinite(value) and low <= value <= high):
+        return float(default)
+    return float(value)
 
 
 def str_map(body: dict[str, Any], key: str) -> dict[str, str]:
@@ -110,6 +153,25 @@ def rootfs_size_mb(capsule: Capsule) -> int:
         return (Path(capsule.image_dir) / "rootfs.ext4").stat().st_size >> 20
     except OSError:
         return 0
+
+
+def query_time(request: Request, key: str) -> datetime | None:
+    """An ISO 8601 time (naive: UTC) or unix seconds from the query string; 400 otherwise."""
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        if re.fullmatch(r"[0-9]{1,11}", raw):
+            return datetime.fromtimestamp(int(raw), UTC)
+        value = datetime.fromisoformat(raw)
+    except (ValueError, OverflowError):
+        raise HttpError(400, f"{key} must be an ISO 8601 time or unix seconds") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def started(capsule: Capsule) -> datetime:
+    """When the capsule started, exactly as `startedAt` shows it (microseconds)."""
+    return datetime.fromtimestamp(capsule.started_at or capsule.created_at, UTC)
 
 
 class Api:
@@ -205,6 +267,10 @@ class Api:
         template_id = body.get("templateID")
         if not isinstance(template_id, str) or not template_id:
             raise HttpError(400, "templateID is required")
+        if not TEMPLATE_ID.fullmatch(template_id):
+            raise HttpError(
+                400, "templateID is a name of letters, digits, '.', '_' and '-' (up to 64)"
+            )
         template = TEMPLATE_ALIASES.get(template_id, template_id)
         if not self.capsules.has_template(template):
             raise HttpError(404, f"template {template_id!r} not found (`wrenn-tui image list`)")
@@ -212,27 +278,48 @@ class Api:
         metadata = str_map(body, "metadata")
         env_vars = str_map(body, "envVars")
         internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
-        capsule = await self.capsules.create(
-            template=template, network="internet" if internet is True else "none"
-        )
+        network = None if internet is None else "internet" if internet is True else "none"
+        saved = self.user_template(template)
+        if saved is not None and network is not None and network != saved.network:
+            raise HttpError(
+                400,
+                f"template {template_id!r} was taken with network {saved.network!r}: a sandbox "
+                f"made from it has the same (allow_internet_access={internet})",
+            )
+        capsule = await self.capsules.create(template=template, network=network)
+        seconds = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        info = {
+            "templateID": template_id,
+            "metadata": metadata,
+            "timeout": seconds,
+            "endAt": time.time() + seconds,
+            "autoPause": body.get("autoPause") is True,
+        }
+        capsule = await self.adopt(capsule, info, env_vars)
+        self.capsules.note(capsule.id, "e2b", f"created by an E2B client ({template_id})")
+        return JSONResponse(self.sandbox(capsule), status_code=201)
+
+    async def adopt(
+        self, capsule: Capsule, info: dict[str, Any], env_vars: dict[str, str] | None = None
+    ) -> Capsule:
+        """Make a new capsule an E2B sandbox: E2B's default user and workdir, the client's
+        environment, its E2B record; destroyed if any of that fails."""
         try:
-            if env_vars:
-                await self.capsules.set_env(capsule, env_vars)
-            seconds = DEFAULT_TIMEOUT_S if timeout is None else timeout
-            info = {
-                "templateID": template_id,
-                "metadata": metadata,
-                "timeout": seconds,
-                "endAt": time.time() + seconds,
-                "autoPause": body.get("autoPause") is True,
+            fields: dict[str, Any] = {
+                "defaultUser": DEFAULT_USER,
+                "defaultWorkdir": DEFAULT_WORKDIR,
             }
-            capsule = await self.capsules.update_extra(capsule.id, E2B, info)
+            if env_vars:
+                fields["envVars"] = env_vars
+            await self.capsules.init_guest(capsule, fields)
+            return await self.capsules.update_extra(capsule.id, E2B, info)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.capsules.destroy(capsule.id)
             raise
-        self.capsules.note(capsule.id, "e2b", f"created by an E2B client ({template_id})")
-        return JSONResponse(self.sandbox(capsule), status_code=201)
+
+    def user_template(self, name: str) -> Template | None:
+        return next((t for t in self.capsules.snapshots() if t.name == name), None)
 
     async def connect(self, request: Request) -> Response:
         body = await json_object(request)
@@ -283,9 +370,12 @@ class Api:
         if raw_metadata:
             wanted = {unquote(k): unquote(v) for k, v in parse_qsl(raw_metadata)}
         template = request.query_params.get("template")
+        started_after = query_time(request, "startedAfter")
         out = []
         for capsule in self.capsules.list():
             if SHOWN.get(capsule.state) not in states:
+                continue
+            if started_after is not None and started(capsule) < started_after:
                 continue
             info = e2b_info(capsule)
             metadata = info.get("metadata", {})
@@ -304,12 +394,8 @@ class Api:
             key=lambda c: c.started_at or c.created_at,
             reverse=request.query_params.get("order", "desc") != "asc",
         )
-        try:
-            limit = int(request.query_params.get("limit", "100"))
-            start = int(request.query_params.get("nextToken") or "0")
-        except ValueError:
-            raise HttpError(400, "limit and nextToken must be integers") from None
-        limit = max(1, min(limit, 1000))
+        limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+        start = query_int(request, "nextToken", 0, 0, MAX_NEXT_TOKEN)
         page = capsules[start : start + limit]
         headers = {}
         if start + limit < len(capsules):
@@ -340,27 +426,126 @@ class Api:
 
     async def metrics(self, request: Request) -> Response:
         capsule = self.find(request.path_params["sandbox_id"])
+        start = query_time(request, "start")
+        end = query_time(request, "end")
         if capsule.state != State.RUNNING:
             return JSONResponse([])
         sample = await self.capsules.metrics(capsule)
         if sample is None:
             return JSONResponse([])
-        ts = float(sample.get("ts") or time.time())
+        ts = guest_number(sample.get("ts"), time.time(), 0, 1e11)
+        # Only the current sample is served; it belongs to a range that ends (at second
+        # precision, E2B buckets samples by 5 s) no earlier than it was taken.
+        if (start is not None and ts < start.timestamp() - METRIC_BUCKET_S) or (
+            end is not None and ts > end.timestamp() + METRIC_BUCKET_S
+        ):
+            return JSONResponse([])
         return JSONResponse(
             [
                 {
                     "timestamp": iso(ts),
                     "timestampUnix": int(ts),
-                    "cpuCount": int(sample.get("cpu_count") or capsule.vcpus),
-                    "cpuUsedPct": float(sample.get("cpu_used_pct") or 0.0),
-                    "memUsed": int(sample.get("mem_used") or 0),
-                    "memTotal": int(sample.get("mem_total") or 0),
-                    "memCache": int(sample.get("mem_cache") or 0),
-                    "diskUsed": int(sample.get("disk_used") or 0),
-                    "diskTotal": int(sample.get("disk_total") or 0),
+                    "cpuCount": int(guest_number(sample.get("cpu_count"), capsule.vcpus)),
+                    "cpuUsedPct": guest_number(sample.get("cpu_used_pct"), 0.0, 0, 100),
+                    "memUsed": int(guest_number(sample.get("mem_used"), 0)),
+                    "memTotal": int(guest_number(sample.get("mem_total"), 0)),
+                    "memCache": int(guest_number(sample.get("mem_cache"), 0)),
+                    "diskUsed": int(guest_number(sample.get("disk_used"), 0)),
+                    "diskTotal": int(guest_number(sample.get("disk_total"), 0)),
                 }
             ]
         )
+
+    # -- snapshots (user templates) and fork ---------------------------------------------------
+
+    async def create_snapshot(self, request: Request) -> Response:
+        body = await json_object(request)
+        name = body.get("name")
+        if name is None:
+            name = f"snap-{secrets.token_hex(6)}"
+        if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+            raise HttpError(
+                400,
+                f"invalid snapshot name {name!r}: use 1-63 of a-z 0-9 . _ - , starting with a "
+                "letter or digit",
+            )
+        memory = body.get("memory")
+        if memory is not None and not isinstance(memory, bool):
+            raise HttpError(400, "memory must be a boolean")
+        capsule = await self.settled(request.path_params["sandbox_id"])
+        try:
+            template = await self.capsules.snapshot(capsule.id, name)
+        except TemplateExists as exc:
+            raise HttpError(409, str(exc)) from None
+        self.capsules.note(capsule.id, "e2b", f"snapshot {name} taken by an E2B client")
+        return JSONResponse(self.snapshot_info(template), status_code=201)
+
+    @staticmethod
+    def snapshot_info(template: Template) -> dict[str, Any]:
+        return {"snapshotID": template.name, "names": [template.name]}
+
+    async def list_snapshots(self, request: Request) -> Response:
+        sandbox_id = request.query_params.get("sandboxID")
+        name = request.query_params.get("name")
+        found = [
+            t
+            for t in self.capsules.snapshots()
+            if (not sandbox_id or t.source == sandbox_id) and (not name or t.name == name)
+        ]
+        found.sort(key=lambda t: t.created_at, reverse=True)
+        limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+        start = query_int(request, "nextToken", 0, 0, MAX_NEXT_TOKEN)
+        headers = {}
+        if start + limit < len(found):
+            headers["x-next-token"] = str(start + limit)
+        page = found[start : start + limit]
+        return JSONResponse([self.snapshot_info(t) for t in page], headers=headers)
+
+    async def delete_template(self, request: Request) -> Response:
+        name = request.path_params["template_id"]
+        name = TEMPLATE_ALIASES.get(name, name)
+        if self.user_template(name) is None:
+            if self.capsules.has_template(name):
+                raise HttpError(400, f"{name!r} is a built-in template; it cannot be deleted")
+            raise HttpError(404, f"snapshot {name!r} not found")
+        try:
+            await self.capsules.delete_snapshot(name)
+        except TemplateNotFound:
+            raise HttpError(404, f"snapshot {name!r} not found") from None
+        except TemplateInUse as exc:
+            raise HttpError(409, str(exc)) from None
+        return Response(status_code=204)
+
+    async def fork(self, request: Request) -> Response:
+        body = await json_object(request)
+        count = body.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+            raise HttpError(400, f"count must be an integer from 1 to {MAX_FORK}")
+        timeout = opt_int(body, "timeout")
+        source = await self.settled(request.path_params["sandbox_id"])
+        clones = await self.capsules.fork(source.id, count)
+        src = e2b_info(source)
+        seconds = timeout if timeout is not None else src.get("timeout", DEFAULT_TIMEOUT_S)
+        if not isinstance(seconds, int):
+            seconds = DEFAULT_TIMEOUT_S
+        results: list[dict[str, Any]] = []
+        for clone in clones:
+            info = {
+                "templateID": src.get("templateID", source.template),
+                "metadata": src.get("metadata", {}),
+                "timeout": seconds,
+                "endAt": time.time() + seconds,
+                "autoPause": src.get("autoPause") is True,
+                "forkOf": source.id,
+            }
+            try:
+                adopted = await self.adopt(clone, info)
+            except Exception as exc:
+                results.append({"error": {"code": 500, "message": str(exc)}})
+                continue
+            self.capsules.note(adopted.id, "e2b", f"fork of {source.id} by an E2B client")
+            results.append({"sandbox": self.sandbox(adopted)})
+        return JSONResponse(results, status_code=201)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -368,11 +553,7 @@ class Api:
     # -- plumbing ---------------------------------------------------------------------------
 
     def authorized(self, request: Request) -> bool:
-        given = request.headers.get("x-api-key")
-        if given is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            given = token.strip() if scheme.lower() == "bearer" else None
-        return key_matches(self.api_key, given)
+        return key_matches(self.api_key, given_key(request))
 
     def guarded(
         self, handler: Callable[[Request], Awaitable[Response]]
@@ -413,6 +594,10 @@ class Api:
             Route("/sandboxes/{sandbox_id}/timeout", g(self.timeout), methods=["POST"]),
             Route("/sandboxes/{sandbox_id}/refreshes", g(self.refresh), methods=["POST"]),
             Route("/sandboxes/{sandbox_id}/metrics", g(self.metrics), methods=["GET"]),
+            Route("/sandboxes/{sandbox_id}/snapshots", g(self.create_snapshot), methods=["POST"]),
+            Route("/snapshots", g(self.list_snapshots), methods=["GET"]),
+            Route("/templates/{template_id}", g(self.delete_template), methods=["DELETE"]),
+            Route("/sandboxes/{sandbox_id}/fork", g(self.fork), methods=["POST"]),
         ]
 
     # -- timeouts ---------------------------------------------------------------------------

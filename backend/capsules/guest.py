@@ -50,9 +50,13 @@ def real_envd(url: str, token: str | None, timeout: float) -> Envd:
 
 
 def metadata_json(capsule: Capsule) -> str:
-    """The document the guest reads at the metadata address (fixed per VMM process)."""
+    """The document the guest reads at the metadata address (fixed per VMM process). It
+    carries the capsule's token: a freshly booted envd takes it before answering anything
+    (envd is never open without a token under the agent); a restored one keeps the token it
+    holds until the host's /init replaces it."""
     return json.dumps(
         {
+            "accessToken": capsule.access_token,
             "instanceID": capsule.id,
             "templateID": capsule.template,
             "envID": capsule.template,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import re
 import secrets
 import shutil
 import time
@@ -61,6 +62,7 @@ BOOT_DEADLINE_S = 180.0
 RESUME_DEADLINE_S = 60.0
 DEFAULT_MEMORY_MIB = 256
 DEFAULT_TEMPLATE = "default"
+CAPSULE_ID_RULE = re.compile(r"cl-[0-9a-z]{12}")
 
 Listener = Callable[[Capsule], None]
 Progress = Callable[[str], None]
@@ -235,13 +237,18 @@ class CapsuleManager:
         network: str | None = None,
         cold: bool = False,
         progress: Progress | None = None,
+        capsule_id: str | None = None,
         labels: dict[str, object] | None = None,
     ) -> Capsule:
         """Start a capsule from a template: a user template's snapshot (its size and network
         mode are the template's), or an image's warm snapshot (built on first use of a size),
         or a cold boot of the image with `cold=True` or when that snapshot is missing or fails
-        its checksums (the event log says which). `labels` go into the capsule's `extra` from
-        its first record (a recipe build marks its capsule so)."""
+        its checksums (the event log says which). `capsule_id` (default: a new one) lets a caller
+        name the capsule before it exists (an API answering before the start is done).
+        `labels` go into the capsule's `extra` from its first record (a recipe build marks its
+        capsule so)."""
+        if capsule_id is not None:
+            _check_new_id(capsule_id, self.store.get(capsule_id))
         found = self.templates.get(template)
         if not found.builtin:
             if cold:
@@ -249,7 +256,7 @@ class CapsuleManager:
                     f"template {template!r} is a saved capsule state: it cannot boot cold"
                 )
             return await self._create_from_template(
-                found, memory_mib, vcpus, network, auto_pause_s, labels or {}
+                found, memory_mib, vcpus, network, auto_pause_s, labels or {}, capsule_id
             )
         memory_mib = DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib
         vcpus = 1 if vcpus is None else vcpus
@@ -268,6 +275,8 @@ class CapsuleManager:
             runtime.accel,
             **(labels or {}),
         )
+        if capsule_id is not None:
+            capsule = capsule.with_(id=capsule_id)
         async with self.locks.hold(capsule.id):
             capsule = await self._register(capsule)
             self.event(
@@ -460,6 +469,7 @@ class CapsuleManager:
         network: str | None,
         auto_pause_s: int,
         labels: dict[str, object],
+        capsule_id: str | None = None,
     ) -> Capsule:
         for asked, fixed, what in (
             (memory_mib, template.memory_mib, "memory (MiB)"),
@@ -489,6 +499,8 @@ class CapsuleManager:
             init_token=snapshot.envd_token,
             **labels,
         )
+        if capsule_id is not None:
+            capsule = capsule.with_(id=capsule_id)
         async with self.locks.hold(capsule.id):
             # recorded under the template lock: `template rm` sees this capsule as a user
             with self.templates.lock(shared=True):
@@ -765,6 +777,13 @@ class CapsuleManager:
         """Record activity (exec, PTY input): resets the auto-pause timer. One conditional
         update: it never writes over a state another operation committed meanwhile."""
         self.store.touch(capsule_id, time.time())
+
+
+def _check_new_id(capsule_id: str, existing: Capsule | None) -> None:
+    if not CAPSULE_ID_RULE.fullmatch(capsule_id):
+        raise CapsuleError(f"invalid capsule id {capsule_id!r}: use cl- and 12 of a-z 0-9")
+    if existing is not None:
+        raise CapsuleError(f"a capsule {capsule_id!r} exists already")
 
 
 def _check_size(memory_mib: int, vcpus: int) -> None:

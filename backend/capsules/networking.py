@@ -54,7 +54,7 @@ class CapsuleNetworks:
 
     async def teardown(self, capsule: Capsule) -> None:
         if capsule.network == "internet" and capsule.net_slot is not None:
-            await asyncio.to_thread(net.teardown_netns, self.netns(capsule))
+            await asyncio.to_thread(net.teardown_last, self.scope, self.netns(capsule))
 
     async def reconcile(
         self, capsules: list[Capsule], report: Callable[[Capsule, str], None]

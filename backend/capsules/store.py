@@ -6,16 +6,44 @@ middle of; WAL mode lets the dashboard and a CLI process read and write at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
 
 from backend.capsules.models import Capsule, Event, Snapshot, State
+
+log = logging.getLogger("wrenn.store")
+
+UNREADABLE = "unreadable"
+"""`extra` key of the stand-in for a record that cannot be read (its row is never rewritten)."""
+_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "template": (str,),
+    "image_dir": (str,),
+    "memory_mib": (int,),
+    "vcpus": (int,),
+    "created_at": (int, float),
+    "host_port": (int,),
+    "access_token": (str,),
+    "network": (str,),
+    "reason": (str,),
+    "pid": (int, type(None)),
+    "started_at": (int, float, type(None)),
+    "generation": (int,),
+    "auto_pause_s": (int,),
+    "last_activity": (int, float),
+    "accel": (str,),
+    "envd_host": (str,),
+    "net_slot": (int, type(None)),
+    "extra": (dict,),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS capsules (
@@ -50,11 +78,17 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # 0600 before SQLite first opens it: SQLite gives the -wal and -shm files the
+        # database's own mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for existing in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                if existing.stat().st_mode & 0o077:
+                    existing.chmod(0o600)
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        path.chmod(0o600)
         self._capsules_cache: tuple[tuple[int, int], list[Capsule]] | None = None
         self._capsule_writes = 0
         """Writes on this connection that can change the capsules table."""
@@ -86,13 +120,56 @@ class Store:
 
     @staticmethod
     def _decode(text: str) -> Capsule:
-        raw: dict[str, Any] = json.loads(text)
+        """A record as stored; ValueError (with the reason) when it cannot be one."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON {type(raw).__name__}, not an object")
         known = {f.name for f in fields(Capsule)}
         raw = {k: v for k, v in raw.items() if k in known}
-        raw["state"] = State(raw["state"])
-        return Capsule(**raw)
+        try:
+            raw["state"] = State(raw["state"])
+        except KeyError:
+            raise ValueError("no state") from None
+        except ValueError:
+            raise ValueError(f"unknown state {raw['state']!r}") from None
+        for name, types in _TYPES.items():
+            if name in raw and (not isinstance(raw[name], types) or isinstance(raw[name], bool)):
+                raise ValueError(f"field {name} is {raw[name]!r}")
+        try:
+            return Capsule(**raw)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @classmethod
+    def _decode_row(cls, capsule_id: str, text: str) -> Capsule:
+        """One bad record must not take every list down: it reads as an `error` capsule
+        saying why, which can be destroyed (its row is left as it is until then)."""
+        try:
+            capsule = cls._decode(text)
+            if capsule.id != capsule_id:
+                raise ValueError(f"record names id {capsule.id!r}")
+            return capsule
+        except ValueError as exc:
+            reason = f"unreadable state record: {exc}"
+            log.warning("capsule %s: %s", capsule_id, reason)
+            return Capsule(
+                id=capsule_id,
+                state=State.ERROR,
+                template="?",
+                image_dir="",
+                memory_mib=0,
+                vcpus=0,
+                created_at=0.0,
+                host_port=0,
+                access_token="",
+                reason=reason,
+                extra={UNREADABLE: True},
+            )
 
     def put(self, capsule: Capsule) -> None:
+        if capsule.extra.get(UNREADABLE):
+            log.warning("not writing over the unreadable record of %s", capsule.id)
+            return
         self._capsule_writes += 1
         self._db.execute(
             "INSERT INTO capsules (id, data, state, updated_at) VALUES (?, ?, ?, ?) "
@@ -108,7 +185,7 @@ class Store:
             row = db.execute("SELECT data FROM capsules WHERE id = ?", (capsule_id,)).fetchone()
             if row is None:
                 return False
-            capsule = self._decode(row[0])
+            capsule = self._decode_row(capsule_id, row[0])
             if capsule.state != State.RUNNING:
                 return False
             touched = capsule.with_(last_activity=when)
@@ -120,7 +197,7 @@ class Store:
 
     def get(self, capsule_id: str) -> Capsule | None:
         row = self._db.execute("SELECT data FROM capsules WHERE id = ?", (capsule_id,)).fetchone()
-        return self._decode(row[0]) if row else None
+        return self._decode_row(capsule_id, row[0]) if row else None
 
     def list_capsules(self) -> list[Capsule]:
         """Every capsule, oldest first. The dashboard and the sampler each ask once a second;
@@ -139,8 +216,8 @@ class Store:
         return list(capsules)
 
     def _read_capsules(self) -> list[Capsule]:
-        rows = self._db.execute("SELECT data FROM capsules ORDER BY rowid").fetchall()
-        return [self._decode(r[0]) for r in rows]
+        rows = self._db.execute("SELECT id, data FROM capsules ORDER BY rowid").fetchall()
+        return [self._decode_row(r[0], r[1]) for r in rows]
 
     def delete(self, capsule_id: str) -> None:
         with self.transaction() as db:

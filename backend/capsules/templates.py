@@ -56,6 +56,10 @@ class TemplateNotFound(CapsuleNotFound):
     pass
 
 
+class TemplateExists(CapsuleError):
+    pass
+
+
 class TemplateInUse(CapsuleError):
     def __init__(self, name: str, capsules: list[str]) -> None:
         listed = ", ".join(capsules[:10]) + (" ..." if len(capsules) > 10 else "")
@@ -198,7 +202,7 @@ class TemplateStore:
     def check_new_name(self, name: str) -> None:
         check_name(name)
         if self.user(name) is not None or self.image(name) is not None:
-            raise CapsuleError(f"a template named {name!r} exists already")
+            raise TemplateExists(f"a template named {name!r} exists already")
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -334,6 +338,9 @@ class WarmSnapshots:
         final = self.directory(image_dir, key)
         started = time.monotonic()
         runtime = self._runtime(image_dir)
+        # envd is never tokenless: the template boots with a secret only this snapshot's
+        # manifest (0600) keeps; every restore presents it to /init to set its own.
+        token = secrets.token_urlsafe(24)
         with self.layout.work_dir(f"warm-{key}") as work:
             config = VMConfig(
                 capsule_id=f"template-{key}",
@@ -345,7 +352,7 @@ class WarmSnapshots:
                 memory_mib=memory_mib,
                 vcpus=vcpus,
                 host_port=free_port(),
-                metadata_json=json.dumps({"templateID": image_dir.name}),
+                metadata_json=json.dumps({"templateID": image_dir.name, "accessToken": token}),
                 accel=accel,
                 network=network,
             )
@@ -364,11 +371,11 @@ class WarmSnapshots:
                 await asyncio.to_thread(sparse.create_holes, config.ram_file, memory_mib << 20)
                 vm = await runtime.create(config)
                 url = f"http://{config.forward_host}:{config.host_port}"
-                async with self._envd(url, None, 30) as envd:
+                async with self._envd(url, token, 30) as envd:
                     await envd.wait_healthy(BOOT_DEADLINE_S, vm.alive)
                     await envd.init(timestamp=time.time())
                     report("preparing the template snapshot")
-                    spec = CaptureSpec(memory_mib, vcpus, network, accel, envd_token=None)
+                    spec = CaptureSpec(memory_mib, vcpus, network, accel, envd_token=token)
                     await snapshots.capture(
                         vm,
                         envd,

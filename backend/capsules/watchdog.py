@@ -9,7 +9,8 @@ import time
 from typing import TYPE_CHECKING
 
 from backend.capsules.errors import CapsuleError
-from backend.capsules.models import State
+from backend.capsules.models import Capsule, State
+from backend.runtime.logs import CONSOLE_MAX, cap_console
 
 if TYPE_CHECKING:
     from backend.capsules.manager import CapsuleManager
@@ -36,14 +37,24 @@ class Watchdog:
         for capsule in self.m.store.list_capsules():
             if capsule.state != State.RUNNING or self.m.locks.busy(capsule.id):
                 continue
-            if not self.m.vm_alive(capsule):
-                await self._vm_died(capsule.id)
-            elif capsule.auto_pause_s > 0 and now - capsule.last_activity > capsule.auto_pause_s:
-                self.m.event(capsule.id, "auto-pause", f"idle for {capsule.auto_pause_s} s")
-                try:
-                    await self.m.pause(capsule.id)
-                except CapsuleError as exc:
-                    log.warning("auto-pause of %s failed: %s", capsule.id, exc)
+            try:
+                await self._check_one(capsule, now)
+            except Exception:
+                # One capsule's trouble must not stop the others' checks: said, not hidden.
+                log.exception("the watchdog's check of %s failed", capsule.id)
+
+    async def _check_one(self, capsule: Capsule, now: float) -> None:
+        console = self.m.layout.console_log(capsule.id)
+        if await asyncio.to_thread(cap_console, console):
+            log.info("%s: console.log passed %d bytes; rotated", capsule.id, CONSOLE_MAX)
+        if not self.m.vm_alive(capsule):
+            await self._vm_died(capsule.id)
+        elif capsule.auto_pause_s > 0 and now - capsule.last_activity > capsule.auto_pause_s:
+            self.m.event(capsule.id, "auto-pause", f"idle for {capsule.auto_pause_s} s")
+            try:
+                await self.m.pause(capsule.id)
+            except CapsuleError as exc:
+                log.warning("auto-pause of %s failed: %s", capsule.id, exc)
 
     async def _vm_died(self, capsule_id: str) -> None:
         async with self.m.locks.hold(capsule_id):

@@ -25,12 +25,14 @@ from starlette.websockets import WebSocket
 from . import __version__, connect
 from .auth import AuthMiddleware
 from .errors import STATUS_CODES, ApiError, bad_request
+from .files import parse_metadata
 from .processes import Encoding, ExecRequest, StartRequest
 from .pty_ws import PtyConnection
 from .service import Envd
 from .state import InitRequest
+from .tunnel import tcp_tunnel
 from .users import Account
-from .validation import Fields, parse_signal
+from .validation import Fields, ascii_digits, parse_signal
 
 log = logging.getLogger("envd.app")
 
@@ -44,7 +46,7 @@ def error_response(error: ApiError) -> JSONResponse:
 
 async def read_json(request: Request, *, allow_empty: bool = False) -> object:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_JSON_BODY:
+    if length is not None and ascii_digits(length) and int(length) > MAX_JSON_BODY:
         raise ApiError(
             413, "payload_too_large", f"JSON bodies are limited to {MAX_JSON_BODY} bytes"
         )
@@ -71,6 +73,8 @@ async def read_json(request: Request, *, allow_empty: bool = False) -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"body is not valid JSON: {exc}", "bad_json") from None
+    except RecursionError:
+        raise bad_request("body is JSON nested too deeply", "bad_json") from None
 
 
 def query_flag(request: Request, name: str) -> bool:
@@ -155,10 +159,13 @@ class Api:
                     "the client went away before the upload was complete", "incomplete_upload"
                 ) from None
 
+        metadata = parse_metadata(request.headers.items())
         if media == "multipart/form-data":
-            result = await self.envd.files.upload_multipart(chunks(), content_type, path, account)
+            result = await self.envd.files.upload_multipart(
+                chunks(), content_type, path, account, metadata
+            )
         elif media == "application/octet-stream":
-            result = await self.envd.files.upload_raw(chunks(), path, account)
+            result = await self.envd.files.upload_raw(chunks(), path, account, metadata)
         else:
             raise ApiError(
                 415,
@@ -241,6 +248,7 @@ class Api:
             Route("/exec", self.exec, methods=["POST"]),
             Route("/pty", self.pty_list, methods=["GET"]),
             WebSocketRoute("/pty", self.pty_socket),
+            WebSocketRoute("/tcp", tcp_tunnel),
         ]
 
 
@@ -280,7 +288,7 @@ def create_app(envd: Envd) -> Starlette:
     return Starlette(
         # The Connect RPC façade (the E2B SDK's protocol) on the same managers and port.
         routes=[*Api(envd).routes(), *connect.routes(envd)],
-        middleware=[Middleware(AuthMiddleware, expected_token=lambda: envd.state.access_token)],
+        middleware=[Middleware(AuthMiddleware, state=envd.state)],
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,

@@ -14,9 +14,10 @@ import errno
 import io
 import logging
 import os
+import re
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,54 @@ def storage_error(exc: OSError, what: str) -> ApiError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return forbidden(f"permission denied writing {what}: {exc.strerror}", "permission_denied")
     return ApiError(500, "write_failed", f"writing {what} failed: {exc.strerror or exc}")
+
+
+# -- file metadata: `user.e2b.*` extended attributes (E2B's envd 0.6.2) --------------------------
+
+METADATA_HEADER = "x-metadata-"
+METADATA_XATTR = "user.e2b."
+METADATA_KEY = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+"""An HTTP header token (RFC 9110), lowercased: what an `X-Metadata-<key>` header can carry."""
+METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
+MAX_METADATA_BYTES = 3072
+"""Keys and values together: what fits beside the inode in ext4's one xattr block."""
+
+
+def parse_metadata(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Metadata from `X-Metadata-<key>: <value>` request headers (keys lowercased), or a 400."""
+    metadata: dict[str, str] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if not lowered.startswith(METADATA_HEADER):
+            continue
+        key = lowered[len(METADATA_HEADER) :]
+        if not METADATA_KEY.fullmatch(key):
+            raise bad_request(
+                f"invalid metadata key {key!r}: use an HTTP header token", "invalid_metadata"
+            )
+        if not METADATA_VALUE.fullmatch(value):
+            raise bad_request(
+                f"invalid metadata value for {key!r}: use printable US-ASCII", "invalid_metadata"
+            )
+        metadata[key] = value
+    if sum(len(METADATA_XATTR) + len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA_BYTES:
+        raise bad_request(
+            f"file metadata is larger than {MAX_METADATA_BYTES} bytes", "invalid_metadata"
+        )
+    return metadata
+
+
+def read_metadata(real: Path | int) -> dict[str, str] | None:
+    """A file's `user.e2b.*` attributes (prefix stripped), None when it has none."""
+    try:
+        names = [n for n in os.listxattr(real) if n.startswith(METADATA_XATTR)]
+        found = {
+            n[len(METADATA_XATTR) :]: os.getxattr(real, n).decode("ascii", errors="replace")
+            for n in names
+        }
+    except OSError:
+        return None
+    return found or None
 
 
 class NotADirectory(Exception):
@@ -122,6 +171,8 @@ class _PendingFile:
 class _Upload:
     files: list[_PendingFile] = field(default_factory=list)
     created_dirs: list[Path] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    """Set on every file of the upload (a replaced file's old metadata goes with it)."""
 
 
 class FileService:
@@ -196,6 +247,7 @@ class FileService:
         content_type: str,
         path: str | None,
         account: Account,
+        metadata: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         from python_multipart.exceptions import FormParserError
         from python_multipart.multipart import MultipartParser, parse_options_header
@@ -250,7 +302,7 @@ class FileService:
                 "on_end": on_end,
             },
         )
-        upload = _Upload()
+        upload = _Upload(metadata=metadata or {})
         # Parts that are not files named "file" are read past without a target.
         current: _PendingFile | None = None
         data: list[bytes] = []
@@ -298,11 +350,15 @@ class FileService:
             raise
 
     async def upload_raw(
-        self, chunks: AsyncIterator[bytes], path: str | None, account: Account
+        self,
+        chunks: AsyncIterator[bytes],
+        path: str | None,
+        account: Account,
+        metadata: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         if not path:
             raise bad_request("a raw (non-multipart) upload needs ?path=", "invalid_path")
-        upload = _Upload()
+        upload = _Upload(metadata=metadata or {})
         try:
             pending = self._begin_file(upload, None, path, account)
             async for chunk in chunks:
@@ -398,15 +454,30 @@ class FileService:
                 os.fchmod(pending.fd, mode)
                 if chown:
                     os.fchown(pending.fd, account.uid, account.gid)
+                for key, value in upload.metadata.items():
+                    os.setxattr(pending.fd, METADATA_XATTR + key, value.encode("ascii"))
                 await asyncio.to_thread(os.fsync, pending.fd)
             except OSError as exc:
+                if exc.errno == errno.ENOTSUP:
+                    raise bad_request(
+                        f"the filesystem of {pending.virtual!r} cannot store file metadata "
+                        "(no extended attributes)",
+                        "metadata_unsupported",
+                    ) from None
                 raise storage_error(exc, pending.virtual) from None
         results = []
         for pending in upload.files:
             os.close(pending.fd)
             pending.fd = -1
             os.replace(pending.tmp, pending.target)
-            results.append({"path": pending.virtual, "name": pending.target.name, "type": "file"})
+            result: dict[str, Any] = {
+                "path": pending.virtual,
+                "name": pending.target.name,
+                "type": "file",
+            }
+            if upload.metadata:
+                result["metadata"] = dict(upload.metadata)
+            results.append(result)
         for directory in {p.target.parent for p in upload.files}:
             _fsync_dir(directory)
         upload.files.clear()

@@ -31,6 +31,7 @@ class MetadataError(ValueError):
 class Metadata:
     instance_id: str | None = None
     template_id: str | None = None
+    access_token: str | None = None
 
 
 def _text(obj: dict[str, object], *keys: str) -> str | None:
@@ -56,6 +57,7 @@ def parse_metadata(raw: bytes) -> Metadata:
     return Metadata(
         instance_id=_text(obj, "instanceID"),
         template_id=_text(obj, "templateID", "envID"),
+        access_token=_text(obj, "accessToken"),
     )
 
 
@@ -102,7 +104,7 @@ def parse_source(spec: str) -> Fetch:
     kind, sep, rest = spec.partition(":")
     if sep and kind == "tcp":
         host, sep, port = rest.rpartition(":")
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+        if sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
             return tcp_source(host.strip("[]"), int(port))
     elif sep and kind == "file" and rest:
         return file_source(Path(rest))

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .errors import bad_request, forbidden
 
+PATH_MAX = 4096
+NAME_MAX = 255
+
 
 class PathResolver:
     def __init__(self, root: Path | None) -> None:
@@ -24,8 +27,15 @@ class PathResolver:
         if "\0" in api_path:
             raise bad_request("path must not contain NUL bytes", "invalid_path")
         joined = api_path if api_path.startswith("/") else f"{home.rstrip('/')}/{api_path}"
+        room = PATH_MAX - 1 - (len(os.fsencode(self.root)) if self.root is not None else 0)
+        if len(joined.encode("utf-8", "surrogateescape")) > room:
+            raise bad_request(f"path is longer than {room} bytes", "name_too_long")
         parts: list[str] = []
         for component in joined.split("/"):
+            if len(component.encode("utf-8", "surrogateescape")) > NAME_MAX:
+                raise bad_request(
+                    f"a path component is longer than {NAME_MAX} bytes", "name_too_long"
+                )
             if component in ("", "."):
                 continue
             if component == "..":
@@ -49,6 +59,10 @@ class PathResolver:
             name = shown if shown is not None else virtual
             raise forbidden(f"path {name!r} resolves outside the root", "path_escape")
         return real
+
+    def contains(self, real: Path) -> bool:
+        """Whether a resolved real path is inside the root (always, in a guest)."""
+        return self.root is None or real == self.root or self.root in real.parents
 
     def to_virtual(self, real: Path) -> str:
         if self.root is None:

@@ -29,7 +29,7 @@ from .errors import ApiError, bad_request, conflict, not_found
 from .fdio import BufferFull, FdReader, FdWriter, wait_exit
 from .paths import PathResolver
 from .spawn import ExitedChildren, Launcher, exit_status, kill_group
-from .validation import Fields, check_env, check_tag
+from .validation import Fields, ascii_digits, check_env, check_tag
 
 log = logging.getLogger("envd.processes")
 
@@ -429,7 +429,7 @@ class ProcessManager:
 
     def get(self, ref: str) -> ManagedProcess:
         """By pid (all digits) or by tag."""
-        process = self._by_pid.get(int(ref)) if ref.isdigit() else self._by_tag.get(ref)
+        process = self._by_pid.get(int(ref)) if ascii_digits(ref) else self._by_tag.get(ref)
         if process is None:
             raise not_found(f"no process with pid or tag {ref!r}", "unknown_process")
         return process

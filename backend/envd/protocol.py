@@ -21,6 +21,7 @@ TOKEN_QUERY: Final = "access_token"
 headers there)."""
 
 HEALTH_PATH: Final = "/health"
+INIT_PATH: Final = "/init"
 METRICS_PATH: Final = "/metrics"
 PTY_PATH: Final = "/pty"
 

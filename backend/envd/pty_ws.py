@@ -97,7 +97,7 @@ class PtyConnection:
     async def _dispatch(self, text: str) -> None:
         try:
             obj = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             await self.send_error(bad_request(f"message is not JSON: {exc}", "bad_json"))
             return
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):

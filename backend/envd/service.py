@@ -13,7 +13,6 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .errors import bad_request
 from .files import FileService
 from .guest import GuestKernel
 from .metadata import IdentityPublisher, Metadata, MetadataPoller, parse_source
@@ -36,6 +35,9 @@ class Envd:
         self.state = RuntimeState(
             reclaim_threshold=config.reclaim_threshold,
             snapshot_hold_timeout=config.snapshot_hold_timeout,
+            # In a capsule the host's metadata brings the first token; until it does, envd
+            # answers nothing but /health (never open to whoever connects first).
+            token_required=bool(config.metadata) and not config.host_mode,
         )
         self.resolver = PathResolver(config.root)
         self.accounts = Accounts(host_mode=config.host_mode)
@@ -97,6 +99,11 @@ class Envd:
     # -- identity ---------------------------------------------------------------------------
 
     def apply_metadata(self, metadata: Metadata) -> None:
+        if metadata.access_token and self.state.access_token is None:
+            # A fresh boot: the token the host started this VM with. A restored envd keeps
+            # the one it holds until the host's /init (which must present it) replaces it.
+            log.info("access token taken from the host's metadata")
+            self.state.set_token(metadata.access_token)
         self.set_identity(metadata.instance_id, metadata.template_id)
 
     def set_identity(self, sandbox_id: str | None, template_id: str | None) -> None:
@@ -140,15 +147,11 @@ class Envd:
         if request.default_user is not None:
             # Fails with 400 for a user the guest does not have (ignored in host mode).
             self.accounts.lookup(request.default_user)
-        if request.access_token is not None:
-            self.state.access_token = request.access_token or None
         if request.env_vars is not None:
             self.state.env_vars.update(request.env_vars)
         if request.default_user is not None:
             self.state.default_user = request.default_user
         if request.default_workdir is not None:
-            if not request.default_workdir.startswith("/"):
-                raise bad_request("defaultWorkdir must be an absolute path", "invalid_field")
             self.state.default_workdir = request.default_workdir
         if request.reclaim_threshold is not None:
             self.state.reclaim_threshold = request.reclaim_threshold
@@ -160,6 +163,10 @@ class Envd:
             entropy_added = self.kernel.add_entropy(request.entropy)
         if request.instance_id or request.template_id:
             self.set_identity(request.instance_id, request.template_id)
+        if request.access_token is not None:
+            # Last: everything that can refuse the request has passed; streams opened under
+            # the old token end now (the answer to this request still goes out).
+            self.state.set_token(request.access_token)
         # /init follows every boot and every resume, so a pending snapshot is over.
         self.state.end_snapshot()
         self.state.init_count += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -31,11 +32,18 @@ class InitRequest:
         timestamp = f.opt_number("timestamp")
         if timestamp is not None and timestamp <= 0:
             raise bad_request("timestamp must be positive Unix seconds", "invalid_field")
+        token = f.opt_str("accessToken")
+        if token is not None and not token:
+            # A token is only ever replaced by another: envd is never open to everyone.
+            raise bad_request("accessToken must not be empty", "invalid_field")
+        workdir = f.opt_str("defaultWorkdir") or None
+        if workdir is not None and not workdir.startswith("/"):
+            raise bad_request("defaultWorkdir must be an absolute path", "invalid_field")
         return cls(
-            access_token=f.opt_str("accessToken"),
+            access_token=token,
             env_vars=check_env(env) if env is not None else None,
             default_user=f.opt_str("defaultUser") or None,
-            default_workdir=f.opt_str("defaultWorkdir") or None,
+            default_workdir=workdir,
             timestamp=timestamp,
             instance_id=f.opt_str("instanceID") or None,
             template_id=f.opt_str("templateID") or f.opt_str("envID") or None,
@@ -49,6 +57,8 @@ class RuntimeState:
     reclaim_threshold: float = 80.0
     snapshot_hold_timeout: float = 600.0
     access_token: str | None = None
+    token_required: bool = False
+    """Under the agent: until a token is known (metadata or /init), nothing but /health."""
     env_vars: dict[str, str] = field(default_factory=dict)
     default_user: str | None = None
     default_workdir: str | None = None
@@ -57,6 +67,21 @@ class RuntimeState:
     init_count: int = 0
     last_init_at: float | None = None
     _snapshot_since: float | None = None
+    _token_changed: asyncio.Event | None = None
+
+    def token_changed(self) -> asyncio.Event:
+        """Set when the token in force now is replaced (streams opened under it end then)."""
+        if self._token_changed is None:
+            self._token_changed = asyncio.Event()
+        return self._token_changed
+
+    def set_token(self, token: str) -> None:
+        if token == self.access_token:
+            return
+        self.access_token = token
+        old, self._token_changed = self._token_changed, None
+        if old is not None:
+            old.set()
 
     @property
     def snapshot_in_progress(self) -> bool:

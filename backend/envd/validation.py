@@ -114,13 +114,19 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def ascii_digits(text: str, most: int = 18) -> bool:
+    """``0``-``9`` only, at most `most` of them: ``str.isdigit`` also says yes to ``²`` and
+    other scripts' digits, which ``int`` then refuses."""
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
+
+
 def parse_signal(value: object) -> signal.Signals:
     """Accept ``"SIGTERM"``, ``"TERM"``, ``"sigterm"``, ``15`` or ``"15"``."""
     if isinstance(value, bool):
         raise bad_request("signal must be a name like 'SIGTERM' or a number", "invalid_signal")
     if isinstance(value, str):
         text = value.strip().upper()
-        if text.isdigit():
+        if ascii_digits(text):
             value = int(text)
         else:
             name = text if text.startswith("SIG") else "SIG" + text
@@ -138,7 +144,7 @@ def parse_signal(value: object) -> signal.Signals:
 
 def check_tag(tag: str) -> str:
     """Tags name processes and PTY sessions in URLs and messages; digits alone mean a pid."""
-    if not TAG_RE.match(tag) or tag.isdigit():
+    if not TAG_RE.match(tag) or ascii_digits(tag):
         raise bad_request(
             "tag must be 1-128 characters of letters, digits and ._:@- and not only digits",
             "invalid_tag",

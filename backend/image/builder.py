@@ -92,7 +92,9 @@ class ImageBuilder:
     def stage_keys(self, recipe: Recipe) -> dict[str, str]:
         guest = self._guest_assets
         requirements = (self._backend_dir / "envd" / "requirements.txt").read_text()
-        base = _short(BUILDER_VERSION, recipe.suite, recipe.variant, *recipe.packages)
+        base = _short(
+            BUILDER_VERSION, recipe.suite, recipe.variant, *recipe.packages, f"user={recipe.user}"
+        )
         return {
             "kernel": _short(BUILDER_VERSION, recipe.kernel_package),
             "initramfs": _short(
@@ -233,6 +235,7 @@ class ImageBuilder:
                     recipe.variant,
                     recipe.packages,
                     mirror,
+                    recipe.user,
                     base_dir,
                     cache / f".work-base-{tag}",
                 )

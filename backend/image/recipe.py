@@ -18,6 +18,9 @@ class Recipe:
     packages: tuple[str, ...]
     disk_size_mib: int
     stage1_modules: tuple[str, ...]
+    user: str = ""
+    """An ordinary account (uid 1000, home /home/<user>, passwordless sudo) made in the base
+    layer; E2B's `base` template has `user`. Empty: root only."""
 
     @classmethod
     def load(cls, name: str = "default") -> Recipe:
@@ -32,6 +35,7 @@ class Recipe:
                 packages=tuple(str(p) for p in raw["packages"]),
                 disk_size_mib=int(raw["disk_size_mib"]),
                 stage1_modules=tuple(str(m) for m in raw["stage1_modules"]),
+                user=str(raw.get("user", "")),
             )
         except FileNotFoundError as exc:
             raise ImageBuildError(f"no template recipe named {name!r}", f"expected {path}") from exc
@@ -48,6 +52,7 @@ class Recipe:
                 "packages": list(self.packages),
                 "disk_size_mib": self.disk_size_mib,
                 "stage1_modules": list(self.stage1_modules),
+                "user": self.user,
             },
             sort_keys=True,
         )

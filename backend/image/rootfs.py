@@ -30,6 +30,7 @@ TRIM = (
 )
 GUEST_HOSTNAME = "capsule"
 SLIRP_DNS = "10.0.2.3"
+USER_UID = 1000
 
 
 def debian_mirror(suite: str) -> str:
@@ -80,9 +81,16 @@ def check_mirror(mirror: str, suite: str) -> None:
 
 
 def build_base(
-    suite: str, variant: str, packages: tuple[str, ...], mirror: str, dest: Path, work: Path
+    suite: str,
+    variant: str,
+    packages: tuple[str, ...],
+    mirror: str,
+    user: str,
+    dest: Path,
+    work: Path,
 ) -> None:
-    """debootstrap into `work`, trim it, configure the guest basics, rename to `dest`."""
+    """debootstrap into `work`, trim it, configure the guest basics (and the ordinary account
+    `user`, if any), rename to `dest`."""
     rootfs = work / "rootfs"
     work.mkdir(parents=True)
     run(
@@ -110,10 +118,36 @@ def build_base(
     resolv.unlink(missing_ok=True)
     resolv.write_text(f"nameserver {SLIRP_DNS}\n")
     (rootfs / "etc" / "fstab").write_text("# capsule: mounts are made by /sbin/wrenn-init\n")
+    if user:
+        add_user(rootfs, user)
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work.rename(dest)
+
+
+def add_user(rootfs: Path, user: str) -> None:
+    """The account E2B's `base` template has: uid 1000, home /home/<user>, bash, passwordless
+    sudo (a sudoers.d entry, mode 0440 as sudo requires)."""
+    run(
+        [
+            "chroot",
+            rootfs,
+            "useradd",
+            "--create-home",
+            "--uid",
+            str(USER_UID),
+            "--user-group",
+            "--shell",
+            "/bin/bash",
+            user,
+        ],
+        what=f"adding the user {user}",
+    )
+    sudoers = rootfs / "etc" / "sudoers.d" / user
+    sudoers.parent.mkdir(mode=0o750, exist_ok=True)
+    sudoers.write_text(f"{user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
 
 
 def guest_python_version(base_rootfs: Path) -> str:

@@ -85,6 +85,11 @@ class VMConfig:
     def pid_file(self) -> Path:
         return self.run_dir / "qemu.pid"
 
+    @property
+    def metadata_file(self) -> Path:
+        """What the guest's metadata address serves (0600: it holds envd's first token)."""
+        return self.run_dir / "guest-metadata.json"
+
 
 @dataclass(frozen=True)
 class BalloonStats:

@@ -13,7 +13,12 @@ internet  QEMU runs in its own network namespace `wn-<scope>-<id>`, linked to th
           envd's forward listens on the namespace's veth address, reachable only from the host.
           nftables table `inet wrenn_<scope>` drops new connections from any capsule veth to
           the host itself (input) and to other capsules (forward), and masquerades the rest out
-          of the host's default route. Needs root, iproute2, nftables; turns on IPv4 forwarding.
+          of the host's default route. Private and special destinations are dropped too
+          (BLOCKED: cloud metadata and all link-local, RFC 1918, CGNAT, multicast, reserved;
+          IPv6 ULA, link-local, multicast) except the ranges in `WRENN_INTERNET_ALLOW` and DNS
+          (port 53) to the host's own resolvers. Needs root, iproute2, nftables, and it turns
+          on IPv4 forwarding; when it was off, it is turned off again once no agent's table is
+          left (a marker table remembers).
 Host state (namespaces, veths, the table) is removed by the agent when no live capsule needs it,
 at start after a crash included. Every name carries a tag of the agent's state dir (its scope),
 so agents with different state dirs on one host (tests do this) never remove each other's.
@@ -21,17 +26,43 @@ so agents with different state dirs on one host (tests do this) never remove eac
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from backend.config import settings
 
 MODES = ("none", "internet")
 SUBNET = ipaddress.ip_network("10.201.0.0/16")
 SLOTS = SUBNET.num_addresses // 4
+BLOCKED_V4 = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
+"""Never reached from an internet capsule unless allowed: cloud metadata (169.254.169.254) and
+the rest of link-local, RFC 1918, CGNAT, multicast, reserved and broadcast."""
+BLOCKED_V6 = ("fc00::/7", "fe80::/10", "ff00::/8", "::ffff:0:0/96")
+FORWARD_FILE = Path("/proc/sys/net/ipv4/ip_forward")
+FORWARD_MARKER = "wrenn_forwarding_was_off"
+"""An empty table in the namespace's nftables: forwarding was off before an agent turned it on
+(kept in the kernel, so it survives an agent crash and is per network namespace)."""
+RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 def scope_of(state_dir: Path) -> str:
@@ -129,8 +160,46 @@ def free_slot(used: set[int]) -> int:
     raise NetworkUnavailable("no free address slot for another internet-mode capsule")
 
 
-def ruleset(scope: str) -> str:
+def parse_allow(ranges: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(IPv4, IPv6) networks of an allow list; ValueError naming a bad entry."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for raw in ranges:
+        try:
+            network = ipaddress.ip_network(raw.strip(), strict=False)
+        except ValueError:
+            message = f"WRENN_INTERNET_ALLOW: {raw!r} is not an address or network"
+            raise ValueError(message) from None
+        (v4 if network.version == 4 else v6).append(str(network))
+    return v4, v6
+
+
+def host_resolvers(path: Path = RESOLV_CONF) -> list[str]:
+    """The IPv4 name servers the host uses (slirp forwards the guest's DNS to them)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    address = ipaddress.ip_address(fields[1])
+                    if address.version == 4 and not address.is_loopback:
+                        found.append(str(address))
+    return found
+
+
+def ruleset(scope: str, allow: Sequence[str] = (), resolvers: Sequence[str] = ()) -> str:
     ours = f"{host_if_prefix(scope)}*"
+    allow_v4, allow_v6 = parse_allow(allow)
+    openings = ""
+    for family, networks in (("ip", allow_v4), ("ip6", allow_v6)):
+        if networks:
+            openings += f'    iifname "{ours}" {family} daddr {{ {", ".join(networks)} }} accept\n'
+    for resolver in resolvers:
+        openings += (
+            f'    iifname "{ours}" ip daddr {resolver} meta l4proto {{ tcp, udp }} '
+            "th dport 53 accept\n"
+        )
     return (
         f"table inet {table_name(scope)} {{\n"
         "  chain input {\n"
@@ -141,6 +210,9 @@ def ruleset(scope: str) -> str:
         "    type filter hook forward priority filter; policy accept;\n"
         f'    iifname "{ours}" oifname "{ours}" counter drop\n'
         f'    oifname "{ours}" ct state new counter drop\n'
+        f"{openings}"
+        f'    iifname "{ours}" ip daddr {{ {", ".join(BLOCKED_V4)} }} counter drop\n'
+        f'    iifname "{ours}" ip6 daddr {{ {", ".join(BLOCKED_V6)} }} counter drop\n'
         "  }\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
@@ -150,24 +222,58 @@ def ruleset(scope: str) -> str:
     )
 
 
-def ensure_rules(scope: str) -> None:
-    """Load this scope's table and turn on forwarding; idempotent."""
+@contextlib.contextmanager
+def scope_lock(scope: str) -> Iterator[None]:
+    """One agent process at a time changes a scope's rules and namespaces (a capsule being
+    set up must never find its table removed by another one's teardown)."""
+    fd = os.open(f"/run/wrenn-net-{scope}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_rules(scope: str, allow: Sequence[str] | None = None) -> None:
+    """Load this scope's table and turn on forwarding; idempotent. `allow` (default: the
+    `WRENN_INTERNET_ALLOW` setting) re-opens blocked ranges."""
     reason = internet_unavailable_reason()
     if reason is not None:
         raise NetworkUnavailable(reason)
     nft = _tool("nft")
     assert nft is not None
+    if allow is None:
+        allow = settings().internet_allow
+    try:
+        rules = ruleset(scope, allow, host_resolvers())
+    except ValueError as exc:
+        raise NetworkUnavailable(str(exc)) from None
     # `add` then `delete` makes the reload work whether or not the table exists
     table = table_name(scope)
-    script = f"add table inet {table}\ndelete table inet {table}\n" + ruleset(scope)
+    script = f"add table inet {table}\ndelete table inet {table}\n" + rules
     _run(nft, "-f", "-", stdin=script)
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    if FORWARD_FILE.read_text().strip() != "1":
+        _run(nft, "add", "table", "inet", FORWARD_MARKER)
+        FORWARD_FILE.write_text("1\n")
+
+
+def _wrenn_tables(nft: str) -> list[str]:
+    out = _run(nft, "list", "tables", check=False).stdout
+    return re.findall(r"^table inet (wrenn_[0-9a-f]{4})$", out, flags=re.MULTILINE)
 
 
 def remove_rules(scope: str) -> None:
+    """Drop this scope's table; the last agent's table gone, forwarding goes back to off if
+    an agent turned it on."""
     nft = _tool("nft")
-    if nft is not None and os.geteuid() == 0:
-        _run(nft, "delete", "table", "inet", table_name(scope), check=False)
+    if nft is None or os.geteuid() != 0:
+        return
+    _run(nft, "delete", "table", "inet", table_name(scope), check=False)
+    if _wrenn_tables(nft):
+        return
+    if _run(nft, "list", "table", "inet", FORWARD_MARKER, check=False).returncode == 0:
+        FORWARD_FILE.write_text("0\n")
+        _run(nft, "delete", "table", "inet", FORWARD_MARKER, check=False)
 
 
 def rules_active(scope: str) -> bool:
@@ -179,6 +285,11 @@ def rules_active(scope: str) -> bool:
 
 def setup_netns(scope: str, net: CapsuleNetns) -> None:
     """Create the capsule's namespace and veth pair (replacing leftovers of the same name)."""
+    with scope_lock(scope):
+        _setup_netns(scope, net)
+
+
+def _setup_netns(scope: str, net: CapsuleNetns) -> None:
     ensure_rules(scope)
     teardown_netns(net)
     ns_if = "wc" + net.host_if[2:]
@@ -195,6 +306,14 @@ def setup_netns(scope: str, net: CapsuleNetns) -> None:
     except NetworkUnavailable:
         teardown_netns(net)
         raise
+
+
+def teardown_last(scope: str, net: CapsuleNetns) -> None:
+    """Delete a capsule's namespace; with it the scope's rules when no namespace is left."""
+    with scope_lock(scope):
+        teardown_netns(net)
+        if not existing_netns(scope):
+            remove_rules(scope)
 
 
 def teardown_netns(net: CapsuleNetns) -> None:

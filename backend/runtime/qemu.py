@@ -7,9 +7,10 @@ entropy at boot), serial console to a file. Guest RAM is a shared file under /de
 saves only the device state (`x-ignore-shared`) and copies that file.
 
 Metadata channel: the guest opens TCP 10.0.2.100:80 and reads one JSON document until EOF.
-QEMU's `guestfwd` runs `printf` for each such connection with the document on QEMU's own
-command line: it needs no file access and no agent. Metadata is fixed per QEMU process; every
-resume starts a new one with fresh metadata.
+QEMU's `guestfwd` runs `cat` of a 0600 file in the run dir for each such connection (the
+document holds envd's first access token, so it is never on QEMU's command line, which every
+local user can read); it needs no agent. Metadata is fixed per QEMU process; every resume
+starts a new one with fresh metadata.
 
 Device state is migrated through file descriptors the agent opens and passes over QMP
 (`getfd`), never through `exec:` commands, so a QEMU that dropped privileges (`-runas`) can
@@ -79,8 +80,7 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
     ]
     # slirp parses the command like a shell (quotes, no pipes) and runs it without one;
     # QEMU's option parser needs commas doubled
-    compact = json.dumps(json.loads(c.metadata_json), separators=(",", ":"))
-    metadata_cmd = ("printf %s " + shlex.quote(compact)).replace(",", ",,")
+    metadata_cmd = ("cat " + shlex.quote(str(c.metadata_file))).replace(",", ",,")
     netdev = (
         f"user,id=n0,restrict={'on' if c.network == 'none' else 'off'},"
         f"hostfwd=tcp:{c.forward_host}:{c.host_port}-:{c.guest_port},"
@@ -124,8 +124,12 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "virtio-rng-device",
         "-qmp",
         f"unix:{c.qmp_socket},server=on,wait=off",
+        # append=on: once the agent has rotated the log (cap_console), QEMU's next write lands
+        # at the new end, not at its old offset (which would leave a file as large as before)
+        "-chardev",
+        "file,id=console0,append=on,path=" + str(c.console_log).replace(",", ",,"),
         "-serial",
-        f"file:{c.console_log}",
+        "chardev:console0",
         "-name",
         f"wrenn-{c.capsule_id},process=wrenn-{c.capsule_id}",
     ]
@@ -385,6 +389,17 @@ def _vmm_log_tail(config: VMConfig) -> str:
         return ""
 
 
+def write_metadata(config: VMConfig) -> None:
+    """The guest's metadata document, 0600 from the start, replaced atomically."""
+    compact = json.dumps(json.loads(config.metadata_json), separators=(",", ":"))
+    tmp = config.metadata_file.with_name(f".{config.metadata_file.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(compact)
+    os.replace(tmp, config.metadata_file)
+
+
 class QemuRuntime:
     """Implements backend.runtime.base.Runtime with QEMU's microvm machine."""
 
@@ -396,6 +411,7 @@ class QemuRuntime:
     def _spawn(self, config: VMConfig, incoming: bool) -> subprocess.Popen[bytes]:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         config.qmp_socket.unlink(missing_ok=True)
+        write_metadata(config)
         log = config.vmm_log.open("ab")
         try:
             proc = subprocess.Popen(

@@ -24,8 +24,9 @@ import pytest
 
 from backend.api.capsules import Capsules
 from backend.api.server import ApiServer
-from backend.capsules.errors import CapsuleNotFound, IllegalTransition
+from backend.capsules.errors import CapsuleError, CapsuleNotFound, IllegalTransition
 from backend.capsules.models import Capsule, State, new_capsule_id
+from backend.capsules.templates import Template, TemplateNotFound
 from tests import hostenvd
 from tests.hostenvd import HostEnvd
 
@@ -144,6 +145,8 @@ class HostCapsules:
         return name == "default"
 
     async def _boot(self, capsule_id: str, token: str) -> HostEnvd:
+        # the image's E2B user has a home (the API makes it the default workdir)
+        (self.base / capsule_id / "root" / "home" / "user").mkdir(parents=True, exist_ok=True)
         envd = await asyncio.to_thread(start_host_envd, self.base / capsule_id / "root")
         async with httpx.AsyncClient() as client:
             response = await client.post(
@@ -153,7 +156,7 @@ class HostCapsules:
         self.envds[capsule_id] = envd
         return envd
 
-    async def create(self, *, template: str, network: str) -> Capsule:
+    async def create(self, *, template: str, network: str | None) -> Capsule:
         capsule_id = new_capsule_id()
         token = secrets.token_urlsafe(16)
         envd = await self._boot(capsule_id, token)
@@ -168,7 +171,7 @@ class HostCapsules:
             created_at=now,
             host_port=envd.port,
             access_token=token,
-            network=network,
+            network=network or "none",
             started_at=now,
         )
         self.capsules[capsule_id] = capsule
@@ -209,11 +212,23 @@ class HostCapsules:
     def note(self, capsule_id: str, kind: str, message: str) -> None:
         self.events.append((capsule_id, kind, message))
 
-    async def set_env(self, capsule: Capsule, env: dict[str, str]) -> None:
+    def snapshots(self) -> list[Template]:
+        return []
+
+    async def snapshot(self, capsule_id: str, name: str) -> Template:
+        raise CapsuleError("host capsules have no snapshots (tests/e2b/test_vm.py has them)")
+
+    async def delete_snapshot(self, name: str) -> None:
+        raise TemplateNotFound(f"no template {name!r}")
+
+    async def fork(self, capsule_id: str, count: int) -> list[Capsule]:
+        raise CapsuleError("host capsules cannot be forked (tests/e2b/test_vm.py forks)")
+
+    async def init_guest(self, capsule: Capsule, fields: dict[str, Any]) -> None:
         async with httpx.AsyncClient() as client:
             response = await client.post(
                 f"{capsule.envd_url}/init",
-                json={"envVars": env},
+                json=fields,
                 headers={"X-Access-Token": capsule.access_token},
             )
             response.raise_for_status()

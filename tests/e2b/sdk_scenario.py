@@ -68,8 +68,8 @@ def lifecycle() -> dict[str, Any]:
     result = sandbox.commands.run("echo hi")
     assert result.stdout == "hi\n", result
     step("run")
-    sandbox.files.write("/root/a", "x")
-    assert sandbox.files.read("/root/a") == "x"
+    sandbox.files.write("/home/user/a", "x")
+    assert sandbox.files.read("/home/user/a") == "x"
     step("files")
     handle = sandbox.pty.create(PtySize(rows=24, cols=80), timeout=PTY_DEADLINE_S)
     sandbox.pty.send_stdin(handle.pid, b"echo pty-ok\n")
@@ -91,12 +91,12 @@ def lifecycle() -> dict[str, Any]:
     assert sandbox.beta_pause() is True
     assert Sandbox.get_info(sandbox.sandbox_id).state.value == "paused"
     step("pause")
-    error = expect_not_found(lambda: sandbox.files.read("/root/a"))
+    error = expect_not_found(lambda: sandbox.files.read("/home/user/a"))
     expect_not_found(lambda: sandbox.commands.run("true"))
     assert sandbox.is_running() is False
     resumed = Sandbox.connect(sandbox.sandbox_id)
     step("connect")
-    assert resumed.files.read("/root/a") == "x"
+    assert resumed.files.read("/home/user/a") == "x"
     assert resumed.commands.run("echo again").stdout == "again\n"
     step("after-resume")
     sandbox_id = resumed.sandbox_id
@@ -112,8 +112,8 @@ async def lifecycle_async() -> dict[str, Any]:
     result = await sandbox.commands.run("echo hi")
     assert result.stdout == "hi\n", result
     step("run")
-    await sandbox.files.write("/root/a", "x")
-    assert await sandbox.files.read("/root/a") == "x"
+    await sandbox.files.write("/home/user/a", "x")
+    assert await sandbox.files.read("/home/user/a") == "x"
     step("files")
     chunks: list[bytes] = []
     handle = await sandbox.pty.create(
@@ -133,14 +133,14 @@ async def lifecycle_async() -> dict[str, Any]:
     assert await sandbox.beta_pause() is True
     step("pause")
     try:
-        await sandbox.files.read("/root/a")
+        await sandbox.files.read("/home/user/a")
     except SandboxNotRunningException as exc:
         assert "was not found" in str(exc), exc
     else:
         raise AssertionError("an envd call on a paused sandbox succeeded")
     resumed = await AsyncSandbox.connect(sandbox.sandbox_id)
     step("connect")
-    assert await resumed.files.read("/root/a") == "x"
+    assert await resumed.files.read("/home/user/a") == "x"
     assert (await resumed.commands.run("echo again")).stdout == "again\n"
     step("after-resume")
     sandbox_id = resumed.sandbox_id
@@ -178,9 +178,171 @@ def connect_run(sandbox_id: str) -> dict[str, Any]:
     assert Sandbox.get_info(sandbox_id).state.value == "paused"
     sandbox = Sandbox.connect(sandbox_id)
     step("connect")
-    assert sandbox.commands.run("cat /root/marker").stdout == "before-pause\n"
+    assert sandbox.commands.run("cat /home/user/marker").stdout == "before-pause\n"
     assert sandbox.kill() is True
     return {"sandbox_id": sandbox_id}
+
+
+def sdk_error(call: Any) -> dict[str, Any]:
+    """What the SDK raised for an API error: its type, HTTP status and message."""
+    try:
+        call()
+    except Exception as exc:
+        return {
+            "type": type(exc).__name__,
+            "status": getattr(exc, "status_code", None),
+            "message": str(exc),
+        }
+    raise AssertionError("the call succeeded")
+
+
+def run(sandbox: Sandbox, cmd: str) -> str:
+    result = sandbox.commands.run(cmd, timeout=180)
+    assert result.exit_code == 0, (cmd, result)
+    return str(result.stdout)
+
+
+def base_environment() -> dict[str, Any]:
+    """E2B's `base`: the default user, its home, passwordless sudo and the tools."""
+    sandbox = Sandbox.create()
+    try:
+        out = {
+            "whoami": run(sandbox, "whoami").strip(),
+            "id": run(sandbox, "id -u").strip(),
+            "pwd": run(sandbox, "pwd").strip(),
+            "home": run(sandbox, "echo $HOME").strip(),
+            "sudo": run(sandbox, "sudo -n whoami").strip(),
+            "root_run": sandbox.commands.run("whoami", user="root").stdout.strip(),
+            # each its own command: under TCG pip alone takes seconds to import
+            "tools": "".join(
+                run(sandbox, cmd)
+                for cmd in (
+                    "git --version",
+                    "curl --version | head -1",
+                    "python3 -m pip --version",
+                    # ensurepip is what python3-venv adds to Debian's python3
+                    "python3 -c 'import ensurepip, venv; print(1)'",
+                )
+            ),
+        }
+        sandbox.files.write("/home/user/owned.txt", "x")
+        info = sandbox.files.get_info("/home/user/owned.txt")
+        out["owner"] = info.owner
+        out["relative"] = sandbox.files.read("owned.txt")
+        return out
+    finally:
+        sandbox.kill()
+
+
+def snapshots_and_fork(name: str) -> dict[str, Any]:
+    """Snapshot a sandbox with a file and a running server, start sandboxes from it and fork
+    it, and every bad input the API refuses."""
+    source = Sandbox.create()
+    made: list[Sandbox] = []
+    out: dict[str, Any] = {"source": source.sandbox_id}
+    try:
+        source.files.write("/home/user/state.txt", "before")
+        source.commands.run(
+            "python3 -m http.server 8123 --bind 127.0.0.1 --directory /home/user",
+            background=True,
+            timeout=0,  # the SDK's default (60 s) bounds the process, as in E2B
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                run(source, "curl -sf http://127.0.0.1:8123/state.txt")
+                break
+            except CommandExitException:
+                assert time.monotonic() < deadline, "the server in the source never answered"
+                time.sleep(0.5)
+        snap = source.create_snapshot(name=name)
+        step("snapshot")
+        out["snapshot"] = {"id": snap.snapshot_id, "names": snap.names}
+        out["listed"] = [s.snapshot_id for s in Sandbox.list_snapshots().next_items()]
+        out["listed_source"] = [
+            s.snapshot_id for s in Sandbox.list_snapshots(sandbox_id=source.sandbox_id).next_items()
+        ]
+        out["listed_other"] = [
+            s.snapshot_id for s in Sandbox.list_snapshots(name=name + "-none").next_items()
+        ]
+        out["duplicate"] = sdk_error(lambda: source.create_snapshot(name=name))
+        out["bad_name"] = sdk_error(lambda: source.create_snapshot(name="Not A Name"))
+        out["unknown_template"] = sdk_error(lambda: Sandbox.create("no-such-template-x"))
+
+        clone = Sandbox.create(snap.snapshot_id)
+        made.append(clone)
+        step("create_from_snapshot")
+        out["clone"] = {
+            "id": clone.sandbox_id,
+            "file": clone.files.read("/home/user/state.txt"),
+            "server": run(clone, "curl -sf http://127.0.0.1:8123/state.txt"),
+            "whoami": run(clone, "whoami").strip(),
+            "template": Sandbox.get_info(clone.sandbox_id).template_id,
+        }
+        out["delete_in_use"] = sdk_error(lambda: Sandbox.delete_snapshot(snap.snapshot_id))
+        out["delete_builtin"] = sdk_error(lambda: Sandbox.delete_snapshot("base"))
+
+        forks = source.fork(count=2)
+        step("fork_2")
+        assert all(isinstance(f, Sandbox) for f in forks), forks
+        made.extend(forks)
+        forks[0].files.write("/home/user/state.txt", "changed in fork 0")
+        out["forks"] = [
+            {
+                "id": f.sandbox_id,
+                "file": f.files.read("/home/user/state.txt"),
+                "server": run(f, "curl -sf http://127.0.0.1:8123/state.txt"),
+                "token_differs": f._envd_access_token != source._envd_access_token,
+                "random": run(f, "head -c 16 /dev/urandom | od -An -tx1").strip(),
+            }
+            for f in forks
+        ]
+        out["source_file"] = source.files.read("/home/user/state.txt")
+        # the source's envd token does not open a fork
+        sandbox_url = os.environ["E2B_SANDBOX_URL"]
+        foreign = httpx.get(
+            f"{sandbox_url}/files",
+            params={"path": "/home/user/state.txt"},
+            headers={
+                "E2b-Sandbox-Id": forks[1].sandbox_id,
+                "X-Access-Token": str(source._envd_access_token),
+            },
+            timeout=30,
+        )
+        out["foreign_token_status"] = foreign.status_code
+        out["fork_unknown"] = sdk_error(lambda: Sandbox.fork("nosuchsandbox123"))
+        out["fork_bad_count"] = httpx.post(
+            f"{os.environ['E2B_API_URL']}/sandboxes/{source.sandbox_id}/fork",
+            json={"count": 17},
+            headers={"X-API-KEY": os.environ["E2B_API_KEY"]},
+            timeout=30,
+        ).json()
+        for sandbox in made:
+            sandbox.kill()
+        made.clear()
+        out["deleted"] = Sandbox.delete_snapshot(snap.snapshot_id)
+        out["deleted_again"] = Sandbox.delete_snapshot(snap.snapshot_id)
+        return out
+    finally:
+        for sandbox in made:
+            with contextlib.suppress(Exception):
+                sandbox.kill()
+        with contextlib.suppress(Exception):
+            Sandbox.delete_snapshot(name)
+        source.kill()
+
+
+def kill_during_run() -> dict[str, Any]:
+    """A command's stream when its sandbox is killed under it: the SDK says the sandbox is
+    gone (SandboxNotRunningException), not that the stream was cut short."""
+    sandbox = Sandbox.create()
+    handle = sandbox.commands.run("sleep 60", background=True, timeout=0)
+    sandbox.kill()
+    try:
+        handle.wait()
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    raise AssertionError("wait() returned for a killed sandbox")
 
 
 def main() -> None:
@@ -195,6 +357,12 @@ def main() -> None:
         out = connect_run(*args)
     elif scenario == "drive-pty":
         out = drive_pty(*args)
+    elif scenario == "kill-during-run":
+        out = kill_during_run()
+    elif scenario == "base-environment":
+        out = base_environment()
+    elif scenario == "snapshots-and-fork":
+        out = snapshots_and_fork(*args)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     print(json.dumps({"ok": True, "steps": steps, **out}), flush=True)

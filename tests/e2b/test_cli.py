@@ -82,10 +82,13 @@ def test_serve_prints_the_environment_and_answers(tmp_path: Path) -> None:
         assert set(exported) == {"E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL"}, lines
         assert exported["E2B_API_URL"] == exported["E2B_SANDBOX_URL"]
         assert exported["E2B_API_URL"].startswith("http://127.0.0.1:")
-        assert exported["E2B_API_KEY"] == (tmp_path / "config" / "api-key").read_text().strip()
+        # The key is never printed (issue 16): the line says how to get it.
+        key = (tmp_path / "config" / "api-key").read_text().strip()
+        assert exported["E2B_API_KEY"] == "$(wrenn-tui api-key)"
+        assert not any(key in line for line in lines)
         listed = httpx.get(
             f"{exported['E2B_API_URL']}/v2/sandboxes",
-            headers={"X-API-KEY": exported["E2B_API_KEY"]},
+            headers={"X-API-KEY": key},
         )
         assert listed.status_code == 200 and listed.json() == []
     finally:

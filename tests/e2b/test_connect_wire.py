@@ -353,7 +353,9 @@ def test_filesystem_calls(host_envd: HostEnvd) -> None:
     assert (home / "x" / "y.txt").read_text() == "hello"
     assert unary(host_envd, f"{fs}/Remove", {"path": "dir"}).status_code == 200
     assert not (home / "dir").exists()
-    assert unary(host_envd, f"{fs}/Remove", {"path": "dir"}).json()["code"] == "not_found"
+    # as E2B's envd (os.RemoveAll): removing what is not there succeeds
+    gone = unary(host_envd, f"{fs}/Remove", {"path": "dir"})
+    assert gone.status_code == 200 and gone.json() == {}
 
     escape = unary(host_envd, f"{fs}/Stat", {"path": "/../../etc/passwd"})
     assert escape.json()["code"] == "permission_denied"
@@ -371,6 +373,12 @@ def test_watchers_report_what_a_client_did(host_envd: HostEnvd) -> None:
         files={"file": ("file.txt", b"data")},
     )
     assert upload.status_code == 200, upload.text
+    again = httpx.post(
+        f"{host_envd.url}/files",
+        params={"path": f"{home}/watched/sub/file.txt"},
+        files={"file": ("file.txt", b"other data")},
+    )
+    assert again.status_code == 200, again.text
     unary(host_envd, f"{fs}/Remove", {"path": "watched/sub/file.txt"})
     seen: list[tuple[str, str]] = []
     deadline = time.monotonic() + 10
@@ -379,7 +387,11 @@ def test_watchers_report_what_a_client_did(host_envd: HostEnvd) -> None:
         seen += [(e["name"], e["type"]) for e in got.json()["events"]]
         time.sleep(0.05)
     assert ("sub", "EVENT_TYPE_CREATE") in seen
-    assert ("sub/file.txt", "EVENT_TYPE_CREATE") in seen
+    # an upload reads as E2B's envd writes a file: created, chowned, written
+    upload_events = [t for name, t in seen if name == "sub/file.txt"]
+    assert upload_events == ["EVENT_TYPE_CREATE", "EVENT_TYPE_CHMOD", "EVENT_TYPE_WRITE"] * 2 + [
+        "EVENT_TYPE_REMOVE"
+    ], seen
     assert ("sub/file.txt", "EVENT_TYPE_REMOVE") in seen
     assert not [name for name, _ in seen if ".upload-" in name], seen
     assert unary(host_envd, f"{fs}/RemoveWatcher", {"watcherId": watcher_id}).status_code == 200
@@ -426,3 +438,65 @@ def test_list_dir_depth_zero_means_one(host_envd: HostEnvd, depth: int) -> None:
         host_envd, "filesystem.Filesystem/ListDir", {"path": "d", "depth": depth}
     ).json()["entries"]
     assert [e["name"] for e in entries] == ["e"]
+
+
+def test_file_metadata_is_user_e2b_xattrs(host_envd: HostEnvd) -> None:
+    """`X-Metadata-<key>` upload headers become `user.e2b.<key>` xattrs (keys lowercased),
+    shown by Stat, ListDir and Move, gone when the file is replaced without metadata; bad keys
+    or values are a 400 that writes nothing."""
+    fs = "filesystem.Filesystem"
+    home = host_envd.root / Path(os.path.expanduser("~")).relative_to("/")
+    virtual_home = os.path.expanduser("~")
+
+    def upload(name: str, body: bytes, raw: bool = False, **meta: str) -> httpx.Response:
+        headers = {f"X-Metadata-{k}": v for k, v in meta.items()}
+        params = {"path": f"{virtual_home}/meta/{name}"}
+        if raw:
+            headers["Content-Type"] = "application/octet-stream"
+            return httpx.post(
+                f"{host_envd.url}/files", params=params, content=body, headers=headers
+            )
+        return httpx.post(
+            f"{host_envd.url}/files", params=params, files={"file": (name, body)}, headers=headers
+        )
+
+    made = upload("a.txt", b"x", Author="mish", purpose="upload")
+    assert made.status_code == 200, made.text
+    assert made.json()[0]["metadata"] == {"author": "mish", "purpose": "upload"}
+    assert os.getxattr(home / "meta" / "a.txt", "user.e2b.author") == b"mish"
+    raw = upload("b.txt", b"y", raw=True, tag="raw")
+    assert raw.json()[0]["metadata"] == {"tag": "raw"}
+    stat_a = unary(host_envd, f"{fs}/Stat", {"path": "meta/a.txt"}).json()["entry"]
+    assert stat_a["metadata"] == {"author": "mish", "purpose": "upload"}
+    listed = unary(host_envd, f"{fs}/ListDir", {"path": "meta"}).json()["entries"]
+    assert {e["name"]: e.get("metadata") for e in listed} == {
+        "a.txt": {"author": "mish", "purpose": "upload"},
+        "b.txt": {"tag": "raw"},
+    }
+    moved = unary(host_envd, f"{fs}/Move", {"source": "meta/b.txt", "destination": "meta/c.txt"})
+    assert moved.json()["entry"]["metadata"] == {"tag": "raw"}
+    # set out of band, in the namespace: shown too
+    os.setxattr(home / "meta" / "c.txt", "user.e2b.extra", b"1")
+    os.setxattr(home / "meta" / "c.txt", "user.other", b"hidden")
+    stat_c = unary(host_envd, f"{fs}/Stat", {"path": "meta/c.txt"}).json()["entry"]
+    assert stat_c["metadata"] == {"tag": "raw", "extra": "1"}
+    # replaced without metadata: none left
+    plain = upload("a.txt", b"z")
+    assert "metadata" not in plain.json()[0]
+    assert "metadata" not in unary(host_envd, f"{fs}/Stat", {"path": "meta/a.txt"}).json()["entry"]
+    # bad input: 400, nothing written
+    bad_headers: list[dict[str, bytes]] = [
+        {"X-Metadata-": b"empty key"},
+        {"X-Metadata-good": "caf\u00e9".encode("latin-1")},
+        {"X-Metadata-big": b"v" * 4000},
+    ]
+    for bad in bad_headers:
+        refused = httpx.post(
+            f"{host_envd.url}/files",
+            params={"path": f"{virtual_home}/meta/refused.txt"},
+            files={"file": ("refused.txt", b"x")},
+            headers=bad,
+        )
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"] == "invalid_metadata", refused.text
+    assert not (home / "meta" / "refused.txt").exists()

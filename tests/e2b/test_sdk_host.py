@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -191,3 +192,46 @@ def test_proxied_use_counts_as_activity_for_auto_pause(host_api: ServerThread) -
     for sandbox_id in (plain, idle):
         httpx.get(f"{host_api.url}/health", headers={"E2b-Sandbox-Id": sandbox_id})
     assert capsules.touched == {idle}
+
+
+def test_list_started_after_and_metrics_in_a_time_range(host_api: ServerThread) -> None:
+    """`startedAfter` on the list (inclusive, to the microsecond `startedAt` shows) and
+    `start`/`end` on metrics (a range before the sample is empty); bad times are a 400."""
+    with host_api.client() as client:
+        created = client.post("/v2/sandboxes", json={"templateID": "base"}).json()
+        sandbox_id = created["sandboxID"]
+        started_at = client.get(f"/sandboxes/{sandbox_id}").json()["startedAt"]
+
+        def listed(**params: str) -> list[str]:
+            response = client.get("/v2/sandboxes", params=params)
+            assert response.status_code == 200, response.text
+            return [s["sandboxID"] for s in response.json()]
+
+        assert sandbox_id in listed(startedAfter=started_at)
+        later = datetime.fromisoformat(started_at) + timedelta(seconds=1)
+        assert sandbox_id not in listed(startedAfter=later.isoformat())
+        assert sandbox_id in listed(startedAfter=str(int(time.time()) - 60))
+        bad = client.get("/v2/sandboxes", params={"startedAfter": "yesterday"})
+        assert bad.status_code == 400 and "startedAfter" in bad.json()["message"]
+
+        now = int(time.time())
+        current = client.get(
+            f"/sandboxes/{sandbox_id}/metrics", params={"start": now - 10, "end": now}
+        ).json()
+        assert len(current) == 1 and current[0]["timestampUnix"] >= now - 10
+        before = client.get(
+            f"/sandboxes/{sandbox_id}/metrics", params={"start": now - 3600, "end": now - 1800}
+        )
+        assert before.status_code == 200 and before.json() == []
+        bad = client.get(f"/sandboxes/{sandbox_id}/metrics", params={"start": "soon"})
+        assert bad.status_code == 400
+
+
+def test_a_command_whose_sandbox_is_killed_ends_as_on_e2b(
+    host_api: ServerThread, sdk_python: Path
+) -> None:
+    """The proxy ends a Connect stream cut by the sandbox's end with UNAVAILABLE; the SDK
+    then probes the sandbox, finds it gone and says so."""
+    out = run_sdk(sdk_python, host_api.key, host_api.url, "kill-during-run")
+    assert out["error"] == "SandboxNotRunningException", out
+    assert "killed or reached its end of life" in out["message"], out

@@ -4,6 +4,7 @@ uses, pauses and resumes real capsules through ``wrenn-tui``'s agent API."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from backend.api.capsules import Capsules, ManagerCapsules
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.capsules.store import Store
+from backend.capsules.templates import Template
 from backend.config import Paths
 from backend.envd.app import create_app
 from backend.envd.config import Config
@@ -82,7 +84,7 @@ def test_a_dashboard_pause_is_resumed_by_connect(
     sandbox_id = created.json()["sandboxID"]
     marker = httpx.post(
         f"{vm_api.url}/files",
-        params={"path": "/root/marker"},
+        params={"path": "/home/user/marker"},
         files={"file": ("marker", b"before-pause\n")},
         headers={"E2b-Sandbox-Id": sandbox_id, "X-Access-Token": created.json()["envdAccessToken"]},
         timeout=30,
@@ -99,3 +101,67 @@ def test_a_dashboard_pause_is_resumed_by_connect(
 
     assert asyncio.run(dashboard_pause()) == State.PAUSED
     run_sdk(sdk_python, vm_api.key, vm_api.url, "connect-run", sandbox_id)
+
+
+def test_e2b_sandboxes_are_e2b_base(vm_api: ServerThread, sdk_python: Path) -> None:
+    """Issue 14: the built-in template is E2B's `base` for an E2B client: user `user` (uid
+    1000) in /home/user with passwordless sudo; git, curl, pip and venv; `user=` still works."""
+    env = run_sdk(sdk_python, vm_api.key, vm_api.url, "base-environment", timeout=300)
+    assert env["whoami"] == "user"
+    assert env["id"] == "1000"
+    assert env["pwd"] == env["home"] == "/home/user"
+    assert env["sudo"] == "root"
+    assert env["root_run"] == "root"
+    assert "git version" in env["tools"] and "curl" in env["tools"]
+    assert "pip" in env["tools"] and env["tools"].rstrip().endswith("1")
+    assert env["owner"] == "user"
+    assert env["relative"] == "x"
+
+
+def test_snapshots_and_forks_through_the_sdk(
+    vm_api: ServerThread, sdk_python: Path, paths: Paths
+) -> None:
+    """Issue 14 through the unmodified SDK: create_snapshot / list_snapshots / delete_snapshot
+    / fork / create(template=snapshot), and the API's answers to bad input."""
+    name = f"e2b-snap-{secrets.token_hex(3)}"
+    out = run_sdk(sdk_python, vm_api.key, vm_api.url, "snapshots-and-fork", name, timeout=600)
+    assert out["snapshot"] == {"id": name, "names": [name]}
+    assert name in out["listed"] and name in out["listed_source"]
+    assert out["listed_other"] == []
+    # a capsule made from the snapshot has the file, the running server and the default user
+    clone = out["clone"]
+    assert clone["id"] != out["source"]
+    assert clone["file"] == "before" and clone["server"] == "before"
+    assert clone["whoami"] == "user" and clone["template"] == name
+    # forks: distinct, with the source's file and server; a fork's writes stay its own
+    forks = out["forks"]
+    assert len({f["id"] for f in forks} | {out["source"]}) == 3
+    assert [f["file"] for f in forks] == ["changed in fork 0", "before"]
+    assert [f["server"] for f in forks] == ["changed in fork 0", "before"]
+    assert all(f["token_differs"] for f in forks)
+    assert forks[0]["random"] != forks[1]["random"]
+    assert out["source_file"] == "before"
+    assert out["foreign_token_status"] == 401
+    # bad input: clear 4xx answers
+    assert out["duplicate"]["status"] == 409 and "exists already" in out["duplicate"]["message"]
+    assert (
+        out["bad_name"]["status"] == 400 and "invalid snapshot name" in out["bad_name"]["message"]
+    )
+    assert "not found" in out["unknown_template"]["message"]
+    in_use = out["delete_in_use"]
+    assert in_use["status"] == 409 and clone["id"] in in_use["message"], in_use
+    assert out["delete_builtin"]["status"] == 400, out["delete_builtin"]
+    assert out["fork_unknown"]["type"] == "SandboxNotFoundException", out["fork_unknown"]
+    assert out["fork_bad_count"]["code"] == 400, out["fork_bad_count"]
+    assert out["deleted"] is True and out["deleted_again"] is False
+    manager_templates = [t.name for t in asyncio.run(_templates(paths))]
+    assert name not in manager_templates
+    print("steps", out["steps"])
+
+
+async def _templates(paths: Paths) -> list[Template]:
+    manager = CapsuleManager(paths)
+    try:
+        return manager.list_templates()
+    finally:
+        await manager.close()

@@ -14,8 +14,8 @@ from backend.pty_client import (
     Exited,
     Output,
     PtyClient,
-    PtyError,
     PtyEvent,
+    RequestFailed,
     StateChanged,
 )
 from tests.terminal.conftest import SHELL, PausableProxy, new_capsule_id
@@ -130,9 +130,10 @@ async def test_paused_capsule_waits_then_reattaches_to_the_same_shell(
         rec.client.set_paused(False)
         await rec.until(lambda: len(rec.of(Attached)) == 2, timeout=5, what="reattached")
         assert rec.client.connected and rec.client.pid == pid
-        await rec.client.send_input("echo X=$X\r")
-        await rec.text("X=survives-pause")
-        assert re.search(r"(?<!echo )typed-while-paused", rec.output)
+        # "$X-end" is not expanded in the echoed command line: this waits for the shell's answer
+        await rec.client.send_input("echo X=$X-end\r")
+        await rec.text("X=survives-pause-end")
+        assert re.search(r"(?<!echo )typed-while-paused", rec.output), repr(rec.output)
 
 
 async def test_an_unreachable_envd_is_reported_and_retried_until_it_answers(
@@ -150,6 +151,6 @@ async def test_an_unreachable_envd_is_reported_and_retried_until_it_answers(
 async def test_refused_start_is_an_error_not_a_retry_loop(envd_url: str) -> None:
     async with recorded(envd_url, cmd="/no/such/shell", args=None) as rec:
         await rec.until(lambda: rec.client.state == ConnectionState.CLOSED, what="closed")
-        errors = rec.of(PtyError)
-        assert errors and isinstance(errors[0], PtyError)
+        errors = rec.of(RequestFailed)
+        assert errors and isinstance(errors[0], RequestFailed)
         assert errors[0].code == "command_not_found"

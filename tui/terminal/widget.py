@@ -32,7 +32,7 @@ from backend.pty_client import (
     Exited,
     Output,
     PtyClient,
-    PtyError,
+    RequestFailed,
     StateChanged,
 )
 from tui.terminal.attach import AttachError, AttachResult, attach_fullscreen
@@ -335,7 +335,7 @@ class TerminalPane(Widget, can_focus=True):
                 self.connection_state, self.connection_reason = event.state, event.reason
                 self.post_message(self.ConnectionChanged(self, event.state, event.reason))
                 self.refresh()
-            elif isinstance(event, PtyError):
+            elif isinstance(event, RequestFailed):
                 log.warning("terminal %s: %s (%s)", self.tag, event.message, event.code)
                 if event.request in (None, "start", "connect"):
                     self.notify(f"Terminal: {event.message}", severity="error")

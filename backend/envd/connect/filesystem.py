@@ -23,16 +23,30 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..files import NotADirectory, make_dirs, may_create_in, missing_dirs
+from ..files import NotADirectory, make_dirs, may_create_in, missing_dirs, read_metadata
 from ..paths import PathResolver
 from ..state import RuntimeState
 from ..users import Account, Accounts, can_access
-from .watcher import EVENT_TYPES, REMOVE, RENAME, DirectoryWatch, FsEvent, WatchUnavailable
+from .watcher import (
+    CHMOD,
+    CREATE,
+    EVENT_TYPES,
+    REMOVE,
+    RENAME,
+    WRITE,
+    DirectoryWatch,
+    FsEvent,
+    WatchUnavailable,
+)
 from .wire import Call, Json, Msg, Rpc, RpcError, ServerStreamRpc, UnaryRpc, invalid, timestamp
 
 # envd's uploads write `.NAME.upload-XXXXXXXX` (mkstemp) and rename it over NAME: a client
-# watching the directory wants to see NAME appear, not envd's scaffolding.
-UPLOAD_TEMP = re.compile(r"^\..+\.upload-[a-z0-9_]{8}$")
+# watching the directory wants to see NAME written, not envd's scaffolding. The rename is
+# reported as E2B's envd (open O_CREAT|O_TRUNC, chown, write) reports an upload: CREATE,
+# CHMOD, WRITE of NAME.
+UPLOAD_TEMP = re.compile(r"^\.(.+)\.upload-[a-z0-9_]{8}$")
+UPLOAD_EVENTS = (CREATE, CHMOD, WRITE)
+MAX_PENDING_UPLOADS = 1024
 MAX_WATCHERS = 256
 MAX_PENDING_EVENTS = 10_000
 
@@ -114,12 +128,18 @@ class FilesystemService:
         shown = st
         if stat.S_ISLNK(st.st_mode):
             info["isSymlink"] = True
-            target = os.path.realpath(real)
-            info["symlinkTarget"] = self.resolver.to_virtual(Path(target))
-            try:
-                shown = os.stat(real)
-            except OSError:
+            target = Path(os.path.realpath(real))
+            if not self.resolver.contains(target):
+                # Host mode, a link out of the root: what is there is none of the API's
+                # business (not its path, size or owner); the link is shown as itself.
                 info["type"] = "FILE_TYPE_SYMLINK"
+                info["symlinkTarget"] = ""
+            else:
+                info["symlinkTarget"] = self.resolver.to_virtual(target)
+                try:
+                    shown = os.stat(real)
+                except OSError:
+                    info["type"] = "FILE_TYPE_SYMLINK"
         if "type" not in info:
             if stat.S_ISDIR(shown.st_mode):
                 info["type"] = "FILE_TYPE_DIRECTORY"
@@ -135,6 +155,9 @@ class FilesystemService:
             group=_group_of(shown.st_gid),
             modifiedTime=timestamp(shown.st_mtime_ns),
         )
+        metadata = read_metadata(real)
+        if metadata:
+            info["metadata"] = metadata
         return info
 
     async def _run(self, fn: Callable[[], T], shown: str) -> T:
@@ -237,7 +260,10 @@ class FilesystemService:
             raise invalid("refusing to remove the root directory")
 
         def remove() -> None:
-            st = os.lstat(real)
+            try:
+                st = os.lstat(real)
+            except FileNotFoundError:
+                return  # as E2B's envd (os.RemoveAll): nothing there is not an error
             self._require(account, real.parent, os.W_OK | os.X_OK, virtual)
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(real)
@@ -266,15 +292,32 @@ class FilesystemService:
         self._require(account, root, os.R_OK | os.X_OK, virtual)
         include_entry = bool(request.opt_bool("include_entry"))
 
+        uploaded: set[str] = set()
+        """Names whose upload temp was just renamed away (onto them, by envd's upload)."""
+
         def on_event(event: FsEvent) -> None:
-            if UPLOAD_TEMP.match(event.name.rpartition("/")[2]):
+            parent, _, leaf = event.name.rpartition("/")
+            temp = UPLOAD_TEMP.match(leaf)
+            if temp is not None:
+                if event.kind == RENAME:
+                    if len(uploaded) >= MAX_PENDING_UPLOADS:
+                        uploaded.clear()
+                    uploaded.add(f"{parent}/{temp[1]}" if parent else temp[1])
                 return
-            message: Json = {"name": event.name, "type": EVENT_TYPES[event.kind]}
+            kinds: tuple[int, ...] = (event.kind,)
+            if event.kind == CREATE and event.name in uploaded:
+                uploaded.discard(event.name)
+                kinds = UPLOAD_EVENTS
+            entry: Json | None = None
             if include_entry and event.kind not in (REMOVE, RENAME):
                 child = f"{virtual.rstrip('/')}/{event.name}"
                 with contextlib.suppress(OSError):
-                    message["entry"] = self.entry(child, event.real)
-            sink(message)
+                    entry = self.entry(child, event.real)
+            for kind in kinds:
+                message: Json = {"name": event.name, "type": EVENT_TYPES[kind]}
+                if entry is not None:
+                    message["entry"] = entry
+                sink(message)
 
         try:
             return DirectoryWatch(root, bool(request.opt_bool("recursive")), on_event, on_end)

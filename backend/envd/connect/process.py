@@ -24,7 +24,7 @@ from ..errors import ApiError
 from ..processes import CommandSpec, ManagedProcess, ProcessManager
 from ..pty_sessions import DEFAULT_COLS, DEFAULT_ROWS, PtyManager, PtySession, PtyStartRequest
 from ..spawn import Launcher
-from ..validation import check_env, check_tag
+from ..validation import ascii_digits, check_env, check_tag
 from .wire import (
     Call,
     ClientStreamRpc,
@@ -111,7 +111,7 @@ class ProcessService:
             tag = selector.text("tag")
             with contextlib.suppress(ApiError):
                 return self.ptys.get(tag)
-            if not tag.isdigit():
+            if not ascii_digits(tag):
                 with contextlib.suppress(ApiError):
                     return self.processes.get(tag)
             raise RpcError("not_found", f"process with tag {tag!r} not found")

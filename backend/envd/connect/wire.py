@@ -27,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ApiError
+from ..validation import ascii_digits
 
 log = logging.getLogger("envd.connect")
 
@@ -165,7 +166,7 @@ class Msg:
         value = self.get(name)
         if value is None:
             return None
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and ascii_digits(value.strip()):
             value = int(value)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -266,7 +267,7 @@ def _positive_seconds(request: Request, header: str, scale: float) -> float | No
     raw = request.headers.get(header)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 10:
+    if not ascii_digits(raw, 10):
         raise invalid(f"header {header} must be a number of up to 10 digits")
     value = int(raw) * scale
     return value if value > 0 else None
@@ -340,6 +341,8 @@ def _decode(payload: bytes, where: str) -> Msg:
         data = json.loads(payload) if payload.strip() else {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"{where} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid(f"{where} is JSON nested too deeply") from None
     return Msg(data, where)
 
 
