@@ -21,6 +21,7 @@ from backend.capsules.manager import CapsuleManager
 from backend.capsules.templates import TemplateInUse
 from backend.config import Paths
 from backend.recipes.builder import BuildFailed, RecipeBuilder, layer_name, prune
+from backend.recipes.status import active_builds
 from tests.integration.conftest import sh
 from tests.integration.test_user_templates import _agent
 
@@ -200,6 +201,11 @@ async def test_an_agent_killed_mid_build_leaves_no_capsule_and_no_template(
     else:
         pytest.fail("the build never started its capsule")
     await asyncio.sleep(2)  # inside the RUN step
+    # the build is visible from this process too: its step and its output so far
+    [status] = active_builds(manager.layout.work)
+    assert (status.name, status.step, status.steps) == ("halfway", 1, 1)
+    assert status.current == "[1/1] line 2: RUN echo started; sleep 600"
+    assert "   started" in status.log
     agent.send_signal(signal.SIGKILL)
     agent.wait()
     assert build.pid is not None
@@ -212,6 +218,7 @@ async def test_an_agent_killed_mid_build_leaves_no_capsule_and_no_template(
         assert restarted.templates.user("halfway") is None
         assert [t for t in restarted.list_templates(include_hidden=True) if not t.builtin] == []
         assert list(restarted.layout.work.iterdir()) == []
+        assert active_builds(restarted.layout.work) == []
         with pytest.raises(ProcessLookupError):
             for _ in range(50):
                 os.kill(build.pid, 0)
