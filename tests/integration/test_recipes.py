@@ -200,12 +200,16 @@ async def test_an_agent_killed_mid_build_leaves_no_capsule_and_no_template(
         await asyncio.sleep(0.2)
     else:
         pytest.fail("the build never started its capsule")
-    await asyncio.sleep(2)  # inside the RUN step
-    # the build is visible from this process too: its step and its output so far
-    [status] = active_builds(manager.layout.work)
+    # the build is visible from this process too: its step and, once printed, its output
+    deadline = time.monotonic() + 60
+    while True:
+        [status] = active_builds(manager.layout.work)
+        if "   started" in status.log or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert "   started" in status.log, status.log  # inside the RUN step now
     assert (status.name, status.step, status.steps) == ("halfway", 1, 1)
     assert status.current == "[1/1] line 2: RUN echo started; sleep 600"
-    assert "   started" in status.log
     agent.send_signal(signal.SIGKILL)
     agent.wait()
     assert build.pid is not None
