@@ -9,7 +9,8 @@ FROM template's identity (its image version, or its name and creation time). A b
 3. if steps remain, starts a capsule from the last cached layer (or FROM), marked as a build
    (backend/capsules/builds.py: a start-up after a killed build removes it), and runs each
    remaining step through envd: RUN and READY as streamed execs, COPY as a tar uploaded with
-   envd's file API and unpacked as root, START as a process left running, ENV/WORKDIR/USER as
+   envd's file API and unpacked as root, START as a process left running (then, as after READY,
+   the layer waits up to 15 s for the guest's CPU to go quiet), ENV/WORKDIR/USER as
    envd's defaults (/init) and in the layer's record. After each step the capsule is saved
    as the step's layer (backend/capsules/copying.py: the capsule keeps running); ENV and USER
    change no file and no process, so their layer is hard links to the previous one's files
@@ -60,6 +61,8 @@ LAYER_PREFIX = "layer-"
 RUN_TIMEOUT_S = 3600.0
 READY_INTERVAL_S = 0.5
 START_SETTLE_S = 0.5
+IDLE_CPU_PCT = 25.0
+IDLE_DEADLINE_S = 15.0
 TAIL_LINES = 20
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -327,8 +330,10 @@ class RecipeBuilder:
             await self._init(capsule, {"defaultUser": step.target}, where)
         elif step.instruction == "START":
             await self._start(capsule, step, where)
+            await self._settle(capsule)
         elif step.instruction == "READY":
             await self._ready(capsule, step, where)
+            await self._settle(capsule)
 
     def _client(self, capsule: Capsule, timeout: float | None = 30.0) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -439,6 +444,19 @@ class RecipeBuilder:
                     _failure(where, f"exited at once with {info.get('exit_code')}", tail)
                 )
         self._output(f"started pid {info.get('pid')} (tag {tag}), left running")
+
+    async def _settle(self, capsule: Capsule) -> None:
+        """Wait (a bounded while) for the guest's CPU to go quiet before the layer is taken: a
+        server caught half-way through its start-up would finish it in every capsule made from
+        the template, slowing each one's first second."""
+        deadline = time.monotonic() + IDLE_DEADLINE_S
+        quiet = 0
+        async with self._client(capsule) as client:
+            while time.monotonic() < deadline and quiet < 2:
+                await asyncio.sleep(1.0)
+                response = await client.get("/metrics")
+                busy = float(response.json().get("cpu_used_pct", 0.0))
+                quiet = quiet + 1 if busy < IDLE_CPU_PCT else 0
 
     async def _check_started(self, capsule: Capsule, started: dict[str, str]) -> None:
         """Every START process still runs (checked after each layer is taken: one that died
