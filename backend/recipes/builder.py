@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 LAYER_PREFIX = "layer-"
 RUN_TIMEOUT_S = 3600.0
 READY_INTERVAL_S = 0.5
+READY_ATTEMPT_MIN_S = 10.0
 START_SETTLE_S = 0.5
 IDLE_CPU_PCT = 25.0
 IDLE_DEADLINE_S = 15.0
@@ -487,7 +488,9 @@ class RecipeBuilder:
         attempts = 0
         while True:
             attempts += 1
-            left = max(1.0, deadline - time.monotonic())
+            # an attempt started before the deadline may finish after it (a loaded guest is slow
+            # to start a shell): its own exit code is what the error reports
+            left = max(READY_ATTEMPT_MIN_S, deadline - time.monotonic())
             code, tail = await self._exec(capsule, step.command, left, echo=False)
             if code == 0:
                 for line in tail:
