@@ -9,7 +9,8 @@ FROM template's identity (its image version, or its name and creation time). A b
 3. if steps remain, starts a capsule from the last cached layer (or FROM), marked as a build
    (backend/capsules/builds.py: a start-up after a killed build removes it), and runs each
    remaining step through envd: RUN and READY as streamed execs, COPY as a tar uploaded with
-   envd's file API and unpacked as root, START as a process left running, ENV/WORKDIR/USER as
+   envd's file API and unpacked as root, START as a process left running (then, as after READY,
+   the layer waits up to 15 s for the guest's CPU to go quiet), ENV/WORKDIR/USER as
    envd's defaults (/init) and in the layer's record. After each step the capsule is saved
    as the step's layer (backend/capsules/copying.py: the capsule keeps running); ENV and USER
    change no file and no process, so their layer is hard links to the previous one's files
@@ -51,6 +52,7 @@ from backend.capsules.templates import (
 from backend.envd import protocol as wire
 from backend.recipes.context import CopyPlan, plan_copy, write_tar
 from backend.recipes.parser import Recipe, RecipeError, Step, parse
+from backend.recipes.status import BuildStatus, StatusWriter
 
 if TYPE_CHECKING:
     from backend.capsules.manager import CapsuleManager
@@ -58,7 +60,10 @@ if TYPE_CHECKING:
 LAYER_PREFIX = "layer-"
 RUN_TIMEOUT_S = 3600.0
 READY_INTERVAL_S = 0.5
+READY_ATTEMPT_MIN_S = 10.0
 START_SETTLE_S = 0.5
+IDLE_CPU_PCT = 25.0
+IDLE_DEADLINE_S = 15.0
 TAIL_LINES = 20
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -112,6 +117,20 @@ class RecipeBuilder:
         self.m = manager
         self.progress = progress or (lambda _line: None)
         self.output = output or (lambda _line: None)
+        self._early: list[str] = []
+        self._status: StatusWriter | None = None
+
+    def _progress(self, line: str, step: int | None = None) -> None:
+        self.progress(line)
+        if self._status is not None:
+            self._status.progress(line, step)
+        else:
+            self._early.append(line)
+
+    def _output(self, line: str) -> None:
+        self.output(line)
+        if self._status is not None:
+            self._status.output(line)
 
     # -- checks before anything starts --------------------------------------------------------
 
@@ -182,6 +201,7 @@ class RecipeBuilder:
         no_cache: bool = False,
     ) -> BuildResult:
         started = time.monotonic()
+        self._early = []
         recipe, base, keys, copies = self.plan(name, recipe_file, context)
         steps = recipe.steps
         cached = 0
@@ -189,25 +209,33 @@ class RecipeBuilder:
             while cached < len(steps) and self._layer(keys[cached]) is not None:
                 cached += 1
         for index in range(cached):
-            self.progress(f"[{index + 1}/{len(steps)}] line {steps[index].line}: cached")
+            self._progress(f"[{index + 1}/{len(steps)}] line {steps[index].line}: cached")
         if steps and cached == len(steps):
             existing = self.m.templates.user(name)
             if existing is not None and existing.layers and existing.layers[-1] == keys[-1]:
-                self.progress(f"template {name} is up to date")
+                self._progress(f"template {name} is up to date")
                 return BuildResult(existing, len(steps), cached, time.monotonic() - started, True)
         with self.m.layout.work_dir("build") as work:
-            if cached < len(steps) or not steps:
-                await self._run_steps(name, recipe, base, keys, copies, cached, work, no_cache)
-            source = self._layer(keys[-1]) if steps else None
-            if source is None:
-                raise BuildFailed(f"build of {name}: the last layer vanished (pruned meanwhile?)")
-            template = self._install(
-                work,
-                source,
-                replace(source, name=name, hidden=False, created_at=time.time()),
-            )
+            status = BuildStatus(name, str(recipe_file), time.time(), cached, len(steps))
+            status.log = list(self._early)
+            self._status = StatusWriter(work, status)
+            try:
+                if cached < len(steps):
+                    await self._run_steps(name, recipe, base, keys, copies, cached, work, no_cache)
+                source = self._layer(keys[-1])
+                if source is None:
+                    raise BuildFailed(
+                        f"build of {name}: its last layer vanished (pruned meanwhile?)"
+                    )
+                template = self._install(
+                    work,
+                    source,
+                    replace(source, name=name, hidden=False, created_at=time.time()),
+                )
+            finally:
+                self._status = None
         seconds = time.monotonic() - started
-        self.progress(f"template {name} built in {seconds:.1f} s ({cached} cached step(s))")
+        self._progress(f"template {name} built in {seconds:.1f} s ({cached} cached step(s))")
         return BuildResult(template, len(steps), cached, seconds, False)
 
     def _layer(self, key: str) -> Template | None:
@@ -228,7 +256,7 @@ class RecipeBuilder:
         parent = self._layer(keys[first - 1]) if first else base
         assert parent is not None
         what = "FROM " + recipe.base if not first else f"the cached step {first}"
-        self.progress(f"starting the build capsule from {what}")
+        self._progress(f"starting the build capsule from {what}")
         capsule = await self.m.create(template=parent.name, labels=builds.labels(name, work))
         defaults = Defaults.of(parent)
         started: dict[str, str] = {}
@@ -236,7 +264,9 @@ class RecipeBuilder:
         try:
             for index in range(first, len(steps)):
                 step = steps[index]
-                self.progress(f"[{index + 1}/{len(steps)}] line {step.line}: {step.text}")
+                self._progress(
+                    f"[{index + 1}/{len(steps)}] line {step.line}: {step.text}", step=index + 1
+                )
                 began = time.monotonic()
                 where = f"step {index + 1}/{len(steps)} ({step.instruction} at line {step.line})"
                 await self._step(capsule, step, copies.get(index), defaults, work, where)
@@ -252,7 +282,7 @@ class RecipeBuilder:
                     with contextlib.suppress(CapsuleError):
                         await self.m.template_remove(parent.name)
                     raise
-                self.progress(
+                self._progress(
                     f"[{index + 1}/{len(steps)}] done in {time.monotonic() - began:.1f} s"
                 )
         except BuildFailed:
@@ -301,8 +331,10 @@ class RecipeBuilder:
             await self._init(capsule, {"defaultUser": step.target}, where)
         elif step.instruction == "START":
             await self._start(capsule, step, where)
+            await self._settle(capsule)
         elif step.instruction == "READY":
             await self._ready(capsule, step, where)
+            await self._settle(capsule)
 
     def _client(self, capsule: Capsule, timeout: float | None = 30.0) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -340,7 +372,7 @@ class RecipeBuilder:
             tail.append(line)
             del tail[:-TAIL_LINES]
             if echo:
-                self.output(line)
+                self._output(line)
 
         code = -1
         async with (
@@ -397,7 +429,7 @@ class RecipeBuilder:
         code, tail = await self._exec(capsule, unpack, 600, user="root", cwd="/")
         if code != 0:
             raise BuildFailed(_failure(where, f"unpacking exited with {code}", tail))
-        self.output(f"copied {len(plan.entries)} item(s), {size / 2**20:.1f} MiB")
+        self._output(f"copied {len(plan.entries)} item(s), {size / 2**20:.1f} MiB")
 
     async def _start(self, capsule: Capsule, step: Step, where: str) -> None:
         tag = _start_tag(step)
@@ -412,7 +444,20 @@ class RecipeBuilder:
                 raise BuildFailed(
                     _failure(where, f"exited at once with {info.get('exit_code')}", tail)
                 )
-        self.output(f"started pid {info.get('pid')} (tag {tag}), left running")
+        self._output(f"started pid {info.get('pid')} (tag {tag}), left running")
+
+    async def _settle(self, capsule: Capsule) -> None:
+        """Wait (a bounded while) for the guest's CPU to go quiet before the layer is taken: a
+        server caught half-way through its start-up would finish it in every capsule made from
+        the template, slowing each one's first second."""
+        deadline = time.monotonic() + IDLE_DEADLINE_S
+        quiet = 0
+        async with self._client(capsule) as client:
+            while time.monotonic() < deadline and quiet < 2:
+                await asyncio.sleep(1.0)
+                response = await client.get("/metrics")
+                busy = float(response.json().get("cpu_used_pct", 0.0))
+                quiet = quiet + 1 if busy < IDLE_CPU_PCT else 0
 
     async def _check_started(self, capsule: Capsule, started: dict[str, str]) -> None:
         """Every START process still runs (checked after each layer is taken: one that died
@@ -443,12 +488,14 @@ class RecipeBuilder:
         attempts = 0
         while True:
             attempts += 1
-            left = max(1.0, deadline - time.monotonic())
+            # an attempt started before the deadline may finish after it (a loaded guest is slow
+            # to start a shell): its own exit code is what the error reports
+            left = max(READY_ATTEMPT_MIN_S, deadline - time.monotonic())
             code, tail = await self._exec(capsule, step.command, left, echo=False)
             if code == 0:
                 for line in tail:
-                    self.output(line)
-                self.output(f"ready after {attempts} attempt(s)")
+                    self._output(line)
+                self._output(f"ready after {attempts} attempt(s)")
                 return
             if time.monotonic() + READY_INTERVAL_S > deadline:
                 raise BuildFailed(

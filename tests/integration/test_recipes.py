@@ -21,6 +21,7 @@ from backend.capsules.manager import CapsuleManager
 from backend.capsules.templates import TemplateInUse
 from backend.config import Paths
 from backend.recipes.builder import BuildFailed, RecipeBuilder, layer_name, prune
+from backend.recipes.status import active_builds
 from tests.integration.conftest import sh
 from tests.integration.test_user_templates import _agent
 
@@ -168,6 +169,16 @@ async def test_failing_steps_leave_cached_layers_and_the_existing_template(
         assert manager.templates.user("app") == first, "the existing template is untouched"
     assert not list(manager.layout.work.iterdir())
 
+    # --no-cache runs every step again (same keys: the layers are replaced) and replaces NAME
+    recipe.write_text("FROM default\nRUN echo one > /one.txt\nRUN echo v1 > /v.txt\n")
+    rebuilt = await log.builder(manager).build("app", recipe, no_cache=True)
+    assert rebuilt.cached == 0 and not rebuilt.noop
+    assert "[1/2] line 2: RUN echo one > /one.txt" in log.progress
+    assert rebuilt.template.layers == first.layers
+    assert rebuilt.template.created_at > first.created_at
+    layer = manager.templates.user(layer_name(first.layers[0]))
+    assert layer is not None and layer.created_at > first.created_at
+
     capsule = await manager.create(template="app")
     assert (await sh(manager, capsule.id, "cat /one.txt /v.txt")).split() == ["one", "v1"]
 
@@ -189,7 +200,16 @@ async def test_an_agent_killed_mid_build_leaves_no_capsule_and_no_template(
         await asyncio.sleep(0.2)
     else:
         pytest.fail("the build never started its capsule")
-    await asyncio.sleep(2)  # inside the RUN step
+    # the build is visible from this process too: its step and, once printed, its output
+    deadline = time.monotonic() + 60
+    while True:
+        [status] = active_builds(manager.layout.work)
+        if "   started" in status.log or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert "   started" in status.log, status.log  # inside the RUN step now
+    assert (status.name, status.step, status.steps) == ("halfway", 1, 1)
+    assert status.current == "[1/1] line 2: RUN echo started; sleep 600"
     agent.send_signal(signal.SIGKILL)
     agent.wait()
     assert build.pid is not None
@@ -202,6 +222,7 @@ async def test_an_agent_killed_mid_build_leaves_no_capsule_and_no_template(
         assert restarted.templates.user("halfway") is None
         assert [t for t in restarted.list_templates(include_hidden=True) if not t.builtin] == []
         assert list(restarted.layout.work.iterdir()) == []
+        assert active_builds(restarted.layout.work) == []
         with pytest.raises(ProcessLookupError):
             for _ in range(50):
                 os.kill(build.pid, 0)

@@ -305,3 +305,20 @@ def test_the_cli_refuses_a_bad_recipe_with_its_line(paths: Paths, tmp_path: Path
         timeout=60,
     )
     assert [t["name"] for t in json.loads(listed.stdout)] == ["default"]
+
+
+def test_a_running_build_is_listed_with_its_step_and_log(paths: Paths) -> None:
+    """Any process sees a build while its work dir is held; not once it is over."""
+    from backend.capsules.layout import CapsuleLayout
+    from backend.recipes.status import BuildStatus, StatusWriter, active_builds
+
+    layout = CapsuleLayout(paths)
+    with layout.work_dir("build") as work:
+        writer = StatusWriter(work, BuildStatus("web", "/r/Recipe", 1.0, 0, 3))
+        writer.progress("[1/3] line 2: RUN make", step=1)
+        writer.output("compiling")
+        [status] = active_builds(layout.work)
+        assert (status.name, status.step, status.steps) == ("web", 1, 3)
+        assert status.current == "[1/3] line 2: RUN make"
+        assert status.log == ["[1/3] line 2: RUN make", "   compiling"]
+    assert active_builds(layout.work) == []
