@@ -251,6 +251,8 @@ class Guest(Base):
 
     async def remove(self, request: Request) -> Response:
         capsule, path, _ = await self._path(request)
+        # envd's Remove succeeds on a missing path (as E2B's does); Wrenn's API answers 404
+        await self.connect_rpc(capsule, "Stat", {"path": path})
         await self.connect_rpc(capsule, "Remove", {"path": path})
         return Response(status_code=204)
 
