@@ -59,7 +59,7 @@ async def _write_template(
     m: CapsuleManager, source: Capsule, name: str, record: dict[str, Any]
 ) -> Template:
     with m.layout.work_dir("template") as work:
-        captured = await _capture(m, source, work / "capture")
+        captured = await _capture(m, source, work / "capture", prepare=True)
         out = work / name
         out.mkdir(mode=0o700)
         base = Path(source.image_dir) / "rootfs.ext4"
@@ -96,9 +96,17 @@ async def _write_template(
     return template
 
 
-async def _capture(m: CapsuleManager, source: Capsule, out: Path) -> SnapshotManifest:
+async def _capture(
+    m: CapsuleManager, source: Capsule, out: Path, *, prepare: bool
+) -> SnapshotManifest:
     """The source's state at one instant, in `out` (uncommitted): captured from its VM,
-    which keeps running, or copied from its latest generation if it is paused."""
+    which keeps running, or copied from its latest generation if it is paused.
+
+    `prepare`: drop the guest's page cache and inflate the balloon first (a template is kept
+    for long: it is stored at its working set). A fork skips it: its clones' RAM came out the
+    same size (206 vs 203 MiB with a 100 MB working set) and fork took 2.5 s instead of 3.0 s,
+    8 clones 7.1 s instead of 10.7 s. Consistency does not depend on it: RAM and disk are
+    copied with the vCPUs stopped and QEMU's block layer flushed."""
     if source.state == State.PAUSED:
         generation = SnapshotManifest.load(m.layout.generation(source.id, source.generation))
         if generation is None:
@@ -129,6 +137,7 @@ async def _capture(m: CapsuleManager, source: Capsule, out: Path) -> SnapshotMan
                 ram_file=m.layout.ram_file(source.id),
                 disk=m.layout.disk(source.id),
                 keep_running=True,
+                prepare=prepare,
             )
     finally:
         current = m.store.get(source.id)
@@ -152,7 +161,7 @@ async def fork(m: CapsuleManager, capsule_id: str, count: int = 1) -> list[Capsu
         source = m.get(capsule_id)
         require(source, Action.FORK)
         with m.layout.work_dir("fork") as work:
-            captured = await _capture(m, source, work / "capture")
+            captured = await _capture(m, source, work / "capture", prepare=False)
             clones = []
             for _ in range(count):
                 clone = m._new_capsule(
