@@ -36,7 +36,7 @@ from tui import format as fmt
 from tui import messages as msg
 from tui.commands import CapsuleCommands
 from tui.context import Dashboard
-from tui.host import HostProbe, capacity, probe_host
+from tui.host import HostReader, capacity, probe_host
 from tui.sampling import MetricsSampler
 from tui.screens.build_image import BuildImageScreen
 from tui.screens.confirm import ConfirmScreen
@@ -67,7 +67,7 @@ class WrennApp(App[None]):
         sampler: MetricsSampler | None = None,
         *,
         clock: Callable[[], float] = time.time,
-        host_probe: HostProbe | None = None,
+        host_probe: HostReader | None = None,
         accel: str | None = None,
         cursor_blink: bool = True,
     ) -> None:
@@ -87,7 +87,7 @@ class WrennApp(App[None]):
             else Sampler(ManagerSource(self.manager), store=self.manager.store)
         )
         self.clock = clock
-        self.host_probe: HostProbe = host_probe or functools.partial(probe_host, self.paths.state)
+        self.host_probe: HostReader = host_probe or functools.partial(probe_host, self.paths.state)
         self.accel = accel
         self.cursor_blink = cursor_blink
         self.operations: dict[str, str] = {}

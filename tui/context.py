@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from backend.dashboard import ManagerPort
-from tui.host import HostProbe
+from tui.host import HostReader
 from tui.sampling import MetricsSampler
 
 
@@ -15,7 +15,7 @@ class Dashboard(Protocol):
     backend: ManagerPort
     sampler: MetricsSampler
     clock: Callable[[], float]
-    host_probe: HostProbe
+    host_probe: HostReader
     accel: str | None
     cursor_blink: bool
     operations: dict[str, str]

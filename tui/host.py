@@ -36,7 +36,7 @@ class HostTotals:
         )
 
 
-HostProbe = Callable[[], HostTotals]
+HostReader = Callable[[], HostTotals]
 _ME = psutil.Process()
 
 
