@@ -35,6 +35,15 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     return error(405, f"{request.method} is not allowed on {request.url.path}")
 
 
+def is_signed_file_url(scope: Scope) -> bool:
+    """`download_url` / `upload_url` of a secured sandbox: `/files?...&signature=...` with no
+    sandbox header (E2B puts the sandbox in the host name; one URL here cannot)."""
+    query: bytes = scope.get("query_string", b"")
+    return scope.get("path") == "/files" and any(
+        part.startswith(b"signature=") for part in query.split(b"&")
+    )
+
+
 class AgentApp:
     """The ASGI application: REST routes, the sandbox proxy, and the timeout reaper."""
 
@@ -71,6 +80,9 @@ class AgentApp:
             name == SANDBOX_HEADER for name, _ in scope.get("headers", [])
         ):
             await self.proxy(scope, receive, send)
+            return
+        if scope["type"] == "http" and is_signed_file_url(scope):
+            await self.proxy.signed(scope, receive, send)
             return
         await self.rest(scope, receive, send)
 
