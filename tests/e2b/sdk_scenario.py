@@ -377,6 +377,31 @@ def signed_urls() -> dict[str, Any]:
         sandbox.kill()
 
 
+def pause_filesystem_only() -> dict[str, Any]:
+    """pause(keep_memory=False): the disk is kept, the memory is not; connect() boots."""
+    sandbox = Sandbox.create()
+    try:
+        sandbox.files.write("/home/user/fs-only.txt", "persisted")
+        sandbox.commands.run("sleep 600", background=True, timeout=0)
+        boot_before = sandbox.files.read("/proc/sys/kernel/random/boot_id").strip()
+        paused = sandbox.pause(keep_memory=False)
+        state = Sandbox.get_info(sandbox.sandbox_id).state.value
+        resumed = sandbox.connect()
+        return {
+            "boot_id": boot_before,
+            "paused": paused,
+            "state": state,
+            "same_id": resumed.sandbox_id == sandbox.sandbox_id,
+            "marker": resumed.files.read("/home/user/fs-only.txt"),
+            "boot_changed": resumed.files.read("/proc/sys/kernel/random/boot_id").strip()
+            != boot_before,
+            "sleepers": run(resumed, "pgrep -c -x sleep || true").strip(),
+            "whoami": run(resumed, "whoami").strip(),
+        }
+    finally:
+        sandbox.kill()
+
+
 def main() -> None:
     scenario, *args = sys.argv[1:]
     if scenario == "lifecycle":
@@ -389,6 +414,8 @@ def main() -> None:
         out = connect_run(*args)
     elif scenario == "drive-pty":
         out = drive_pty(*args)
+    elif scenario == "pause-filesystem-only":
+        out = pause_filesystem_only()
     elif scenario == "signed-urls":
         out = signed_urls()
     elif scenario == "kill-during-run":
