@@ -180,6 +180,8 @@ class Api:
     def __init__(self, capsules: Capsules, api_key: str) -> None:
         self.capsules = capsules
         self.api_key = api_key
+        self.resuming: set[str] = set()
+        """Sandboxes an E2B client is resuming: their old endAt must not end them meanwhile."""
 
     # -- bodies -----------------------------------------------------------------------------
 
@@ -251,19 +253,23 @@ class Api:
         return await self.capsules.update_extra(capsule.id, E2B, info)
 
     async def resume(self, capsule: Capsule, timeout: int | None) -> Capsule:
+        self.resuming.add(capsule.id)
         try:
-            if e2b_info(capsule).get(FROM_DISK) is True:
-                capsule = await self.resume_from_disk(capsule)
-            else:
-                capsule = await self.capsules.resume(capsule.id)
-        except IllegalTransition:
-            capsule = await self.settled(capsule.id)
-            if capsule.state != State.RUNNING:
-                raise
-        seconds = timeout if timeout is not None else e2b_info(capsule).get("timeout")
-        if isinstance(seconds, int):
-            capsule = await self.set_timeout(capsule, seconds, extend_only=False)
-        return capsule
+            try:
+                if e2b_info(capsule).get(FROM_DISK) is True:
+                    capsule = await self.resume_from_disk(capsule)
+                else:
+                    capsule = await self.capsules.resume(capsule.id)
+            except IllegalTransition:
+                capsule = await self.settled(capsule.id)
+                if capsule.state != State.RUNNING:
+                    raise
+            seconds = timeout if timeout is not None else e2b_info(capsule).get("timeout")
+            if isinstance(seconds, int):
+                capsule = await self.set_timeout(capsule, seconds, extend_only=False)
+            return capsule
+        finally:
+            self.resuming.discard(capsule.id)
 
     async def resume_from_disk(self, capsule: Capsule) -> Capsule:
         """A filesystem-only pause ends with a boot on the paused disk; the new envd is told
@@ -642,6 +648,8 @@ class Api:
         asked for auto-pause, destroy them otherwise (E2B's default)."""
         now = time.time()
         for capsule in self.capsules.list():
+            if capsule.id in self.resuming:
+                continue
             end_at = e2b_info(capsule).get("endAt")
             if capsule.state != State.RUNNING or not isinstance(end_at, int | float):
                 continue
