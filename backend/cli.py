@@ -475,12 +475,13 @@ def template_create(capsule_id: str, name: str, as_json: bool) -> None:
 
 
 @template.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also the cached layers of recipe builds.")
 @click.option("--json", "as_json", is_flag=True)
-def template_list(as_json: bool) -> None:
+def template_list(show_all: bool, as_json: bool) -> None:
     """List the built-in (image) and saved templates."""
 
     async def listing(m: Any) -> Any:
-        return [(t, m.template_users(t.name)) for t in m.list_templates()]
+        return [(t, m.template_users(t.name)) for t in m.list_templates(show_all)]
 
     rows = _run(_with_manager(listing))
     if as_json:
@@ -491,8 +492,9 @@ def template_list(as_json: bool) -> None:
     for t, users in rows:
         size = "any size" if t.builtin else f"{t.memory_mib} MiB {t.vcpus} vCPU {t.network}"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.created_at))
+        kind = "image" if t.builtin else "layer" if t.hidden else "saved"
         click.echo(
-            f"{t.name:<20} {'image' if t.builtin else 'saved':<6} {size:<24} "
+            f"{t.name:<20} {kind:<6} {size:<24} "
             f"{t.allocated / 2**20:>8.1f} MiB  {created}  from {t.source}  "
             f"{len(users)} capsule(s)"
         )
@@ -531,6 +533,69 @@ def template_rm(name: str) -> None:
     except CapsuleError as exc:
         _fail(exc)
     click.echo(f"template {name} removed")
+
+
+@template.command("build")
+@click.argument("name")
+@click.option(
+    "-f",
+    "--file",
+    "recipe_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The recipe (Dockerfile syntax: FROM RUN COPY ENV WORKDIR USER START READY).",
+)
+@click.option(
+    "--context",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where COPY reads from [default: the recipe's directory].",
+)
+@click.option("--no-cache", is_flag=True, help="Run every step, ignoring cached layers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the template as JSON at the end.")
+def template_build(
+    name: str, recipe_file: Path, context: Path | None, no_cache: bool, as_json: bool
+) -> None:
+    """Build template NAME from a recipe; each step's result is cached as a layer, so an
+    unchanged rebuild does nothing and a changed step re-runs from there."""
+    from backend.capsules.errors import CapsuleError
+    from backend.recipes.builder import RecipeBuilder
+    from backend.recipes.parser import RecipeError
+
+    def progress(line: str) -> None:
+        click.echo(click.style(f"=> {line}", bold=True), err=as_json)
+
+    def output(line: str) -> None:
+        click.echo(f"   {line}", err=as_json)
+
+    async def build(m: Any) -> Any:
+        builder = RecipeBuilder(m, progress=progress, output=output)
+        return await builder.build(name, recipe_file, context, no_cache=no_cache)
+
+    try:
+        result = _run(_with_manager(build))
+    except (CapsuleError, RecipeError) as exc:
+        _fail(exc)
+    if as_json:
+        data = _template_dict(result.template, [])
+        data.update(steps=result.steps, cached=result.cached, seconds=round(result.seconds, 3))
+        click.echo(json.dumps(data, indent=2))
+
+
+@template.command("prune")
+def template_prune() -> None:
+    """Remove the cached layers of recipe builds that no template was built from."""
+    from backend.capsules.errors import CapsuleError
+    from backend.recipes.builder import prune
+
+    try:
+        result = _run(_with_manager(prune))
+    except CapsuleError as exc:
+        _fail(exc)
+    for name in result.removed:
+        click.echo(f"removed {name}")
+    for name in result.kept_in_use:
+        click.echo(f"kept {name}: a capsule runs on it")
+    click.echo(f"{len(result.removed)} layer(s) removed, {result.freed / 2**20:.1f} MiB freed")
 
 
 if __name__ == "__main__":

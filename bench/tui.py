@@ -1,10 +1,10 @@
 """Dashboard benchmark: the 1 s table update and keypress latency with many live capsules.
 
-    python -m bench.tui [--capsules 120] [--ticks 40] [--presses 120]
+    python -m bench.tui [--capsules 120] [--ticks 40] [--presses 120] [--size 80x24]
 
 Each capsule row is backed by a real envd process on the host (host mode), polled by the real
 sampler once a second (its requests on the sampler's own thread, its ticks on the app's loop).
-The app runs headless at 200x60.
+The app runs headless at 200x60, or `--size`.
 
 update_*: time the table's tick handler takes (re-read the capsules, gather the figures, update
 the cells and sparklines, re-sort, status line), from the screen's own instrumentation.
@@ -47,7 +47,7 @@ from tui.app import WrennApp
 from tui.terminal import TerminalPane
 from tui.widgets.sparkline import BLOCKS
 
-SIZE = (200, 60)
+DEFAULT_SIZE = (200, 60)
 
 
 def scratch_paths(root: Path) -> Paths:
@@ -77,7 +77,11 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def measure(
-    manager: CapsuleManager, sampler: Sampler, ticks: int, presses: int
+    manager: CapsuleManager,
+    sampler: Sampler,
+    ticks: int,
+    presses: int,
+    size: tuple[int, int] = DEFAULT_SIZE,
 ) -> dict[str, Any]:
     app = WrennApp(manager=manager, sampler=sampler, accel="tcg", cursor_blink=False)
     frames: list[tuple[float, int]] = []
@@ -98,7 +102,7 @@ async def measure(
         frame_ms.append((time.perf_counter() - started) * 1000)
 
     Screen._compositor_refresh = timed_frame  # type: ignore[method-assign,assignment]
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=size) as pilot:
         main = app.main_screen
         table = main.table
         count = len(manager.list_capsules())
@@ -110,7 +114,7 @@ async def measure(
             capsules = manager.list_capsules()
             if any(sampler.latest(c.id) is None for c in capsules):
                 return False
-            visible = min(count, SIZE[1] - 5)
+            visible = min(count, size[1] - 5)
             return all(
                 sum(ch in BLOCKS for ch in str(getattr(cell, "plain", cell))) >= 3
                 for cell in (table.get_cell(row.key, "mem") for row in table.ordered_rows[:visible])
@@ -176,7 +180,7 @@ async def measure(
         "host_cpu_busy_pct": host_busy,
         "sampler_missed_ticks": stats.missed_ticks,
         **pty,
-        "size": list(SIZE),
+        "size": list(size),
     }
 
 
@@ -212,7 +216,9 @@ async def pty_flood(pilot: Any, main: Any) -> dict[str, Any]:
     }
 
 
-async def run(capsules: int, ticks: int, presses: int) -> dict[str, Any]:
+async def run(
+    capsules: int, ticks: int, presses: int, size: tuple[int, int] = DEFAULT_SIZE
+) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="wb-tui-", dir="/tmp"))
     envds: list[tuple[subprocess.Popen[bytes], int]] = []
     try:
@@ -241,7 +247,7 @@ async def run(capsules: int, ticks: int, presses: int) -> dict[str, Any]:
         sampler = Sampler(ManagerSource(manager), store=manager.store)
         await sampler.start()
         try:
-            result = await measure(manager, sampler, ticks, presses)
+            result = await measure(manager, sampler, ticks, presses, size)
         finally:
             await sampler.stop()
             await manager.close()
@@ -265,8 +271,13 @@ def main() -> None:
     parser.add_argument("--capsules", type=int, default=120)
     parser.add_argument("--ticks", type=int, default=40)
     parser.add_argument("--presses", type=int, default=120)
+    parser.add_argument(
+        "--size", default="200x60", help="terminal COLUMNSxROWS, e.g. 80x24 (default 200x60)"
+    )
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.capsules, args.ticks, args.presses))))
+    columns, _, rows = args.size.partition("x")
+    size = (int(columns), int(rows))
+    print(json.dumps(asyncio.run(run(args.capsules, args.ticks, args.presses, size))))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -22,24 +23,30 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
+from textual.validation import Integer
 
+from backend.capsules.actions import Action, allowed
 from backend.capsules.errors import CapsuleError
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import Capsule, State
 from backend.config import Paths, default_paths
-from backend.image.builder import ImageBuilder
-from backend.runtime.accel import probe_accel
+from backend.dashboard import MAX_FORK, ManagerPort
 from backend.sampler import ManagerSource, Sampler
 from tui import format as fmt
+from tui import messages as msg
 from tui.commands import CapsuleCommands
-from tui.host import HostProbe, probe_host
+from tui.context import Dashboard
+from tui.host import HostProbe, capacity, probe_host
 from tui.sampling import MetricsSampler
 from tui.screens.build_image import BuildImageScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.create import CreateRequest, CreateScreen
 from tui.screens.detail import DetailScreen
 from tui.screens.help import HelpScreen
+from tui.screens.host import HostReport, HostScreen
 from tui.screens.main import MainScreen
+from tui.screens.prompt import PromptScreen
+from tui.screens.templates import TemplatesScreen
 
 log = logging.getLogger("wrenn.tui")
 LOG_NAME = "tui.log"
@@ -60,7 +67,7 @@ class WrennApp(App[None]):
         sampler: MetricsSampler | None = None,
         *,
         clock: Callable[[], float] = time.time,
-        host_probe: HostProbe = probe_host,
+        host_probe: HostProbe | None = None,
         accel: str | None = None,
         cursor_blink: bool = True,
     ) -> None:
@@ -70,6 +77,8 @@ class WrennApp(App[None]):
         self.paths = paths or (manager.paths if manager is not None else default_paths())
         self._owns_manager = manager is None
         self.manager = manager if manager is not None else CapsuleManager(self.paths)
+        self.backend = ManagerPort(self.manager)
+        """Everything the dashboard asks of the backend goes through this port."""
         self._owns_sampler = sampler is None
         self._heap_frozen = False
         self.sampler: MetricsSampler = (
@@ -78,7 +87,7 @@ class WrennApp(App[None]):
             else Sampler(ManagerSource(self.manager), store=self.manager.store)
         )
         self.clock = clock
-        self.host_probe = host_probe
+        self.host_probe: HostProbe = host_probe or functools.partial(probe_host, self.paths.state)
         self.accel = accel
         self.cursor_blink = cursor_blink
         self.operations: dict[str, str] = {}
@@ -91,14 +100,14 @@ class WrennApp(App[None]):
     def on_mount(self) -> None:
         # Pushed rather than returned from get_default_screen, which skips the screen's CSS_PATH.
         self.push_screen(self.main_screen)
-        self._unsubscribe_manager = self.manager.subscribe(self._capsule_changed)
+        self._unsubscribe_manager = self.backend.subscribe(self._capsule_changed)
         self.start_up()
 
     @work(exit_on_error=False, group="startup")
     async def start_up(self) -> None:
         if self._owns_manager:
             try:
-                adopted = await self.manager.start()
+                adopted = await self.backend.start()
             except Exception as exc:
                 self.report_failure("re-adopting capsules", exc)
             else:
@@ -106,13 +115,10 @@ class WrennApp(App[None]):
             self.capsules_changed()
         if self._owns_sampler:
             await self.sampler.start()
-        status = await asyncio.to_thread(ImageBuilder(self.paths).status)
-        if status.manifest is None:
+        if not await asyncio.to_thread(self.backend.image_present):
             self.offer_image_build()
         if self.accel is None:
-            kernel = status.path.resolve() / "vmlinux" if status.present else None
-            # Same argument as the manager's, so its later probe is answered from the cache.
-            self.accel = (await asyncio.to_thread(probe_accel, kernel)).accel
+            self.accel = await self.backend.accel()
             self.capsules_changed()
         self.call_after_refresh(self._freeze_heap)
 
@@ -158,7 +164,7 @@ class WrennApp(App[None]):
                 await self.sampler.stop()
         finally:
             if self._owns_manager:
-                await self.manager.close()
+                await self.backend.close()
 
     def _capsule_changed(self, _capsule: Capsule) -> None:
         self.capsules_changed()
@@ -182,13 +188,151 @@ class WrennApp(App[None]):
             markup=False,
         )
 
+    # -- what the screens ask for ----------------------------------------------------------
+
+    def on_create_requested(self, message: msg.CreateRequested) -> None:
+        self.request_create(message.template)
+
+    def on_pause_requested(self, message: msg.PauseRequested) -> None:
+        if self._applies(message.capsule_id, Action.PAUSE):
+            self.pause_capsule(message.capsule_id)
+
+    def on_resume_requested(self, message: msg.ResumeRequested) -> None:
+        if self._applies(message.capsule_id, Action.RESUME):
+            self.resume_capsule(message.capsule_id)
+
+    def on_destroy_requested(self, message: msg.DestroyRequested) -> None:
+        if self._applies(message.capsule_id, Action.DESTROY):
+            self.request_destroy(message.capsule_id)
+
+    def on_details_requested(self, message: msg.DetailsRequested) -> None:
+        self.show_details(message.capsule_id)
+
+    def on_template_requested(self, message: msg.TemplateRequested) -> None:
+        if self._applies(message.capsule_id, Action.TEMPLATE):
+            self.request_template(message.capsule_id)
+
+    def on_fork_requested(self, message: msg.ForkRequested) -> None:
+        if self._applies(message.capsule_id, Action.FORK):
+            self.request_fork(message.capsule_id)
+
+    def on_templates_requested(self, _: msg.TemplatesRequested) -> None:
+        self.show_templates()
+
+    def on_template_remove_requested(self, message: msg.TemplateRemoveRequested) -> None:
+        self.request_template_remove(message.name)
+
+    def on_host_requested(self, _: msg.HostRequested) -> None:
+        if not isinstance(self.screen, HostScreen):
+            self.push_screen(HostScreen())
+
+    def on_host_refresh_wanted(self, _: msg.HostRefreshWanted) -> None:
+        self.measure_host()
+
+    def on_free_space_requested(self, _: msg.FreeSpaceRequested) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.free_space()
+
+        self.push_screen(
+            ConfirmScreen(
+                "Free space?",
+                "Removes RAM files of capsules that have no VM, half-written snapshots and "
+                "work directories no process holds. Nothing a capsule or template needs is "
+                "touched (each is checked again under its capsule's lock).",
+                "Free",
+            ),
+            answered,
+        )
+
+    def on_help_requested(self, _: msg.HelpRequested) -> None:
+        self.show_help(self.screen)
+
+    def on_image_build_requested(self, _: msg.ImageBuildRequested) -> None:
+        self.offer_image_build()
+
+    def _applies(self, capsule_id: str, action: Action) -> bool:
+        """The state -> allowed actions rule (backend/capsules/actions.py), checked again here
+        because a key press can race a state change; says why when it does not apply."""
+        if capsule_id in self.operations:
+            self.notify(f"{capsule_id} is busy {self.operations[capsule_id]}", severity="warning")
+            return False
+        try:
+            capsule = self.backend.get(capsule_id)
+        except CapsuleError as exc:
+            self.report_failure(f"{action} {capsule_id}", exc)
+            return False
+        if not allowed(capsule.state, action):
+            self.notify(
+                f"cannot {action} {capsule_id}: it is {capsule.state}",
+                severity="warning",
+                markup=False,
+            )
+            return False
+        return True
+
+    # -- the host -----------------------------------------------------------------------------
+
+    @work(exclusive=True, exit_on_error=False, group="host")
+    async def measure_host(self) -> None:
+        screens = [s for s in self.screen_stack if isinstance(s, HostScreen)]
+        if not screens:
+            return
+        try:
+            usage = await self.backend.disk_usage()
+            capsules = self.backend.list_capsules()
+        except Exception as exc:
+            self.report_failure("measuring the host", exc)
+            return
+        running = [c for c in capsules if c.state == State.RUNNING]
+        host = self.host_probe()
+        report = HostReport(
+            host=host,
+            room=capacity(
+                host,
+                (self.sampler.latest(c.id) for c in running),
+                self.backend.default_memory_mib,
+            ),
+            running=len(running),
+            default_mib=self.backend.default_memory_mib,
+            usage=usage,
+            sampler=self.sampler.stats,
+        )
+        for screen in screens:
+            screen.show(report)
+
+    @work(exclusive=True, exit_on_error=False, group="host-free")
+    async def free_space(self) -> None:
+        try:
+            removed = await self.backend.free_space()
+        except Exception as exc:
+            self.report_failure("freeing space", exc)
+            return
+        finally:
+            self.measure_host()
+        total = sum(item.size for item in removed)
+        self.notify(f"freed {fmt.size(total)} ({len(removed)} items)", title="Space freed")
+
     # -- capsule operations -----------------------------------------------------------------
 
-    def request_create(self) -> None:
-        if ImageBuilder(self.paths).installed() is None:
+    def request_create(self, template: str | None = None) -> None:
+        if not self.backend.image_present():
             self.offer_image_build()
             return
-        self.push_screen(CreateScreen(cursor_blink=self.cursor_blink), self._create_requested)
+        try:
+            templates = self.backend.templates()
+        except Exception as exc:
+            self.report_failure("listing the templates", exc)
+            return
+        self.push_screen(
+            CreateScreen(
+                templates,
+                self.backend.network_modes,
+                template=template,
+                cursor_blink=self.cursor_blink,
+            ),
+            self._create_requested,
+        )
 
     def _create_requested(self, request: CreateRequest | None) -> None:
         if request is not None:
@@ -196,27 +340,39 @@ class WrennApp(App[None]):
 
     @work(exclusive=False, exit_on_error=False, group="lifecycle")
     async def create_capsule(self, request: CreateRequest) -> Capsule | None:
-        network = "" if request.network == "none" else f", network {request.network}"
-        self.notify(f"creating a capsule: {request.vcpus} vCPU, {request.memory_mib} MiB{network}")
-        try:
-            capsule = await self.manager.create(
-                memory_mib=request.memory_mib, vcpus=request.vcpus, network=request.network
+        if request.saved_template:
+            self.notify(f"creating a capsule from template {request.template}")
+        else:
+            network = "" if request.network == "none" else f", network {request.network}"
+            origin = "" if request.template == "default" else f" from {request.template}"
+            self.notify(
+                f"creating a capsule{origin}: {request.vcpus} vCPU, "
+                f"{request.memory_mib} MiB{network}"
             )
+        try:
+            if request.saved_template:
+                capsule = await self.backend.create(request.template, None, None, None)
+            else:
+                capsule = await self.backend.create(
+                    request.template, request.memory_mib, request.vcpus, request.network
+                )
         except Exception as exc:
             self.report_failure("creating a capsule", exc)
             return None
         finally:
             self.capsules_changed()
+            self.templates_changed()
         boot_s = capsule.extra.get("boot_s")
         took = f" in {boot_s:.1f} s" if isinstance(boot_s, float) else ""
-        self.notify(f"{capsule.id} is running (booted{took})", title="Created")
+        how = "started" if request.saved_template else "booted"
+        self.notify(f"{capsule.id} is running ({how}{took})", title="Created")
         return capsule
 
     @work(exclusive=False, exit_on_error=False, group="lifecycle")
     async def pause_capsule(self, capsule_id: str) -> None:
         with self._operation(capsule_id, "pausing"):
             try:
-                snapshot = await self.manager.pause(capsule_id)
+                snapshot = await self.backend.pause(capsule_id)
             except Exception as exc:
                 self.report_failure(f"pausing {capsule_id}", exc)
                 return
@@ -230,7 +386,7 @@ class WrennApp(App[None]):
     async def resume_capsule(self, capsule_id: str) -> None:
         with self._operation(capsule_id, "resuming"):
             try:
-                capsule = await self.manager.resume(capsule_id)
+                capsule = await self.backend.resume(capsule_id)
             except Exception as exc:
                 self.report_failure(f"resuming {capsule_id}", exc)
                 return
@@ -256,12 +412,128 @@ class WrennApp(App[None]):
     async def destroy_capsule(self, capsule_id: str) -> None:
         with self._operation(capsule_id, "destroying"):
             try:
-                await self.manager.destroy(capsule_id)
+                await self.backend.destroy(capsule_id)
             except Exception as exc:
                 self.report_failure(f"destroying {capsule_id}", exc)
                 return
         self.sampler.forget(capsule_id)
         self.notify(f"{capsule_id} destroyed", title="Destroyed")
+        self.templates_changed()
+
+    # -- templates and forks ------------------------------------------------------------------
+
+    def request_template(self, capsule_id: str) -> None:
+        def answered(name: str | None) -> None:
+            if name:
+                self.save_template(capsule_id, name)
+
+        self.push_screen(
+            PromptScreen(
+                f"Save {capsule_id} as a template",
+                "Its memory, processes and disk as they are now; new capsules start from it. "
+                "A running capsule stops only while its state is copied.",
+                placeholder="name: a-z 0-9 . _ - (up to 63)",
+                confirm_label="Save",
+                cursor_blink=self.cursor_blink,
+            ),
+            answered,
+        )
+
+    @work(exclusive=False, exit_on_error=False, group="lifecycle")
+    async def save_template(self, capsule_id: str, name: str) -> None:
+        with self._operation(capsule_id, "saving"):
+            try:
+                template = await self.backend.template_create(capsule_id, name)
+            except Exception as exc:
+                self.report_failure(f"saving {capsule_id} as template {name!r}", exc)
+                return
+        self.notify(
+            f"{capsule_id} saved as template {template.name} ({fmt.size(template.allocated)})",
+            title="Template saved",
+            markup=False,
+        )
+        self.templates_changed()
+
+    def request_fork(self, capsule_id: str) -> None:
+        def answered(count: str | None) -> None:
+            if count:
+                self.fork_capsule(capsule_id, int(count))
+
+        self.push_screen(
+            PromptScreen(
+                f"Fork {capsule_id}",
+                f"New capsules with its memory and disk at one instant; it keeps running. "
+                f"How many (1 to {MAX_FORK})?",
+                value="1",
+                validator=Integer(
+                    1, MAX_FORK, failure_description=f"a whole number from 1 to {MAX_FORK}"
+                ),
+                confirm_label="Fork",
+                cursor_blink=self.cursor_blink,
+            ),
+            answered,
+        )
+
+    @work(exclusive=False, exit_on_error=False, group="lifecycle")
+    async def fork_capsule(self, capsule_id: str, count: int) -> list[Capsule]:
+        with self._operation(capsule_id, "forking"):
+            try:
+                clones = await self.backend.fork(capsule_id, count)
+            except Exception as exc:
+                self.report_failure(f"forking {capsule_id}", exc)
+                return []
+            finally:
+                self.capsules_changed()
+                self.templates_changed()
+        self.notify(
+            f"{capsule_id} forked: {', '.join(c.id for c in clones)}", title="Forked", markup=False
+        )
+        return clones
+
+    def show_templates(self) -> None:
+        if isinstance(self.screen, TemplatesScreen):
+            return
+        try:
+            templates = self.backend.templates()
+        except Exception as exc:
+            self.report_failure("listing the templates", exc)
+            return
+        self.push_screen(TemplatesScreen(templates))
+
+    def templates_changed(self) -> None:
+        """Redraw an open templates view (a template saved or removed, its users changed)."""
+        for screen in self.screen_stack:
+            if isinstance(screen, TemplatesScreen):
+                try:
+                    screen.show(self.backend.templates())
+                except Exception as exc:
+                    self.report_failure("listing the templates", exc)
+
+    def request_template_remove(self, name: str) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.remove_template(name)
+
+        self.push_screen(
+            ConfirmScreen(
+                f"Delete template {name}?",
+                "Its disk, memory and device state are deleted; capsules can no longer start "
+                "from it. A template capsules still use is kept.",
+                "Delete",
+            ),
+            answered,
+        )
+
+    @work(exclusive=False, exit_on_error=False, group="lifecycle")
+    async def remove_template(self, name: str) -> None:
+        try:
+            await self.backend.template_remove(name)
+        except Exception as exc:
+            self.report_failure(f"deleting template {name!r}", exc)
+            return
+        finally:
+            self.templates_changed()
+        self.notify(f"template {name} deleted", title="Deleted", markup=False)
 
     @contextlib.contextmanager
     def _operation(self, capsule_id: str, name: str) -> Iterator[None]:
@@ -301,7 +573,7 @@ class WrennApp(App[None]):
 
     def offer_image_build(self) -> None:
         if not isinstance(self.screen, BuildImageScreen):
-            self.push_screen(BuildImageScreen(self.paths))
+            self.push_screen(BuildImageScreen(self.backend))
 
     def show_details(self, capsule_id: str) -> None:
         self.push_screen(DetailScreen(capsule_id))
@@ -309,7 +581,13 @@ class WrennApp(App[None]):
     def show_help(self, screen: Screen[Any]) -> None:
         keys: list[tuple[str, str]] = []
         seen = set()
-        for binding in (active.binding for active in screen.active_bindings.values()):
+        # the screen's own keys first, then the focused widget's (cursor movement and such)
+        own = {b.action for b in type(screen).BINDINGS if isinstance(b, Binding)}
+        actives = sorted(
+            screen.active_bindings.values(),
+            key=lambda a: not (a.node is screen and a.binding.action in own),
+        )
+        for binding in (active.binding for active in actives):
             if binding.description and binding.action not in seen:
                 seen.add(binding.action)
                 keys.append((self.get_key_display(binding), binding.description))
@@ -327,3 +605,8 @@ def run_dashboard() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     WrennApp(paths).run()
+
+
+def _is_a_dashboard(app: WrennApp) -> Dashboard:
+    """Never called: mypy checks here that the app gives the screens what they read."""
+    return app

@@ -1,4 +1,6 @@
-"""Command palette (ctrl+p) entries: the actions of the keys, per capsule where they apply."""
+"""Command palette (ctrl+p) entries: the actions of the keys, per capsule where they apply
+(by the same rule as the keys: backend/capsules/actions.py). An entry posts the message its
+key would; the app runs it."""
 
 from __future__ import annotations
 
@@ -7,21 +9,48 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.message import Message
 
-from backend.capsules.models import State
+from backend.capsules.actions import Action, allowed
+from tui import messages as msg
 from tui.screens.main import MainScreen
 
 if TYPE_CHECKING:
-    from tui.app import WrennApp
+    from tui.context import Dashboard
 
 Command = tuple[str, str, Callable[[], object]]
 
+PER_CAPSULE: tuple[tuple[Action, str, str, type[msg.CapsuleRequest]], ...] = (
+    (Action.PAUSE, "Pause", "snapshot to disk and stop (p)", msg.PauseRequested),
+    (Action.RESUME, "Resume", "restore from its snapshot (r)", msg.ResumeRequested),
+    (Action.TEMPLATE, "Save as template", "asks the name (t)", msg.TemplateRequested),
+    (Action.FORK, "Fork", "asks how many (f)", msg.ForkRequested),
+    (Action.DESTROY, "Destroy", "asks first (ctrl+d)", msg.DestroyRequested),
+)
+
 
 class CapsuleCommands(Provider):
+    def _post(self, message: Message) -> None:
+        self.app.post_message(message)
+
     def _commands(self) -> Iterator[Command]:
-        app = cast("WrennApp", self.app)
-        yield ("New capsule", "create a capsule: memory and vCPUs (n)", app.request_create)
-        yield ("Build capsule image", "build or rebuild the default image", app.offer_image_build)
+        app = cast("Dashboard", self.app)
+        post = self._post
+        yield (
+            "New capsule",
+            "from a template: memory and vCPUs (n)",
+            partial(post, msg.CreateRequested()),
+        )
+        yield (
+            "Templates",
+            "saved templates: size, source, users; delete (T)",
+            partial(post, msg.TemplatesRequested()),
+        )
+        yield (
+            "Build capsule image",
+            "build or rebuild the default image",
+            partial(post, msg.ImageBuildRequested()),
+        )
         main = self.screen if isinstance(self.screen, MainScreen) else None
         if main is not None:
             yield ("Sort by CPU", "guest CPU, again to flip (C)", partial(main.action_sort, "cpu"))
@@ -31,28 +60,17 @@ class CapsuleCommands(Provider):
                 partial(main.action_sort, "mem"),
             )
             yield ("Filter capsules", "by id, state or template (/)", main.action_filter)
-        for capsule in app.manager.list_capsules():
+        for capsule in app.backend.list_capsules():
             cid, state = capsule.id, capsule.state
             if cid in app.operations:
                 continue
-            if state == State.RUNNING:
-                yield (
-                    f"Pause {cid}",
-                    "snapshot to disk and stop (p)",
-                    partial(app.pause_capsule, cid),
-                )
-            if state == State.PAUSED:
-                yield (
-                    f"Resume {cid}",
-                    "restore from its snapshot (r)",
-                    partial(app.resume_capsule, cid),
-                )
-            if state not in (State.PENDING, State.PAUSING, State.RESUMING):
-                yield (f"Destroy {cid}", "asks first (ctrl+d)", partial(app.request_destroy, cid))
+            for action, name, help_text, request in PER_CAPSULE:
+                if allowed(state, action):
+                    yield (f"{name} {cid}", help_text, partial(post, request(cid)))
             yield (
                 f"Details {cid}",
                 f"{state.value}: charts, snapshots, events (enter)",
-                partial(app.show_details, cid),
+                partial(post, msg.DetailsRequested(cid)),
             )
 
     async def discover(self) -> Hits:

@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from backend.runtime.base import BalloonStats
-from backend.sampler import Sample, SamplerStats, Tick
+from backend.sampler import BalloonStats, Sample, SamplerStats, Tick
 
 
 class MetricsSampler(Protocol):

@@ -1,5 +1,6 @@
-"""What the agent API needs from the lifecycle engine, and its implementation on
-CapsuleManager (tests substitute host envd processes for VMs through the same protocol)."""
+"""What the agent APIs (E2B's in rest.py, Wrenn's in wrenn/) need from the lifecycle engine,
+and its implementation on CapsuleManager (the E2B tests substitute host envd processes for VMs
+through the same protocol; they use only the part E2B's routes call)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any, Protocol
 from backend.capsules.envd_client import EnvdClient, EnvdError
 from backend.capsules.errors import CapsuleError
 from backend.capsules.manager import CapsuleManager
-from backend.capsules.models import Capsule
+from backend.capsules.models import Capsule, Event
 from backend.capsules.templates import Template
+from backend.sampler import SERIES, Sampler
 
 
 class Capsules(Protocol):
@@ -24,7 +26,16 @@ class Capsules(Protocol):
         """A built-in template (an image) or a user template (a saved capsule)."""
         ...
 
-    async def create(self, *, template: str, network: str | None) -> Capsule:
+    async def create(
+        self,
+        *,
+        template: str,
+        network: str | None,
+        memory_mib: int | None = None,
+        vcpus: int | None = None,
+        auto_pause_s: int = 0,
+        capsule_id: str | None = None,
+    ) -> Capsule:
         """Returns once envd in the capsule answers. `network` None: the template's own mode
         (a user template's), or `none`."""
         ...
@@ -72,10 +83,35 @@ class Capsules(Protocol):
 
     async def metrics(self, capsule: Capsule) -> dict[str, Any] | None: ...
 
+    # -- what Wrenn's API uses besides -------------------------------------------------------
+
+    def list_templates(self) -> builtins.list[Template]: ...
+
+    async def template_create(self, capsule_id: str, name: str) -> Template: ...
+
+    async def template_remove(self, name: str) -> None: ...
+
+    def events(self, limit: int) -> builtins.list[Event]:
+        """The most recent entries of the event log (all capsules), oldest first."""
+        ...
+
+    def history(
+        self, capsule_id: str, series: str, window_s: float
+    ) -> builtins.list[tuple[float, float]]:
+        """(ts, value) of one sampler series (backend/sampler/models.py SERIES)."""
+        ...
+
+    def disk_allocated(self, capsule_id: str) -> int | None:
+        """Bytes the capsule's disk overlay takes on the host (None: no disk now)."""
+        ...
+
 
 class ManagerCapsules:
-    def __init__(self, manager: CapsuleManager) -> None:
+    def __init__(self, manager: CapsuleManager, sampler: Sampler | None = None) -> None:
+        """`sampler`: the running sampler whose history Wrenn's metrics routes read
+        (without one they have no history to show)."""
         self.manager = manager
+        self.sampler = sampler
 
     def get(self, capsule_id: str) -> Capsule:
         return self.manager.get(capsule_id)
@@ -86,8 +122,24 @@ class ManagerCapsules:
     def has_template(self, name: str) -> bool:
         return (self.manager.templates.user(name) or self.manager.templates.image(name)) is not None
 
-    async def create(self, *, template: str, network: str | None) -> Capsule:
-        return await self.manager.create(template=template, network=network)
+    async def create(
+        self,
+        *,
+        template: str,
+        network: str | None,
+        memory_mib: int | None = None,
+        vcpus: int | None = None,
+        auto_pause_s: int = 0,
+        capsule_id: str | None = None,
+    ) -> Capsule:
+        return await self.manager.create(
+            template=template,
+            network=network,
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            auto_pause_s=auto_pause_s,
+            capsule_id=capsule_id,
+        )
 
     def snapshots(self) -> builtins.list[Template]:
         return [t for t in self.manager.list_templates() if not t.builtin]
@@ -139,4 +191,31 @@ class ManagerCapsules:
             async with EnvdClient(capsule.envd_url, capsule.access_token) as envd:
                 return await envd.metrics(timeout=2.0)
         except EnvdError:
+            return None
+
+    def list_templates(self) -> builtins.list[Template]:
+        return self.manager.list_templates()
+
+    async def template_create(self, capsule_id: str, name: str) -> Template:
+        return await self.manager.template_create(capsule_id, name)
+
+    async def template_remove(self, name: str) -> None:
+        await self.manager.template_remove(name)
+
+    def events(self, limit: int) -> builtins.list[Event]:
+        return self.manager.events(None, limit)
+
+    def history(
+        self, capsule_id: str, series: str, window_s: float
+    ) -> builtins.list[tuple[float, float]]:
+        if series not in SERIES:
+            raise ValueError(f"unknown series {series!r}")
+        if self.sampler is None:
+            return []
+        return self.sampler.history(capsule_id, series, window_s)
+
+    def disk_allocated(self, capsule_id: str) -> int | None:
+        try:
+            return self.manager.layout.disk(capsule_id).stat().st_blocks * 512
+        except OSError:
             return None

@@ -13,10 +13,12 @@ from . import DEFAULT_HOST, DEFAULT_PORT
 
 def environment(url: str) -> str:
     """What to export; the key itself is never printed (terminal scrollback and logs keep
-    it): the line reads it with `wrenn-tui api-key`."""
+    it): the lines read it with `wrenn-tui api-key`."""
     return (
         "export E2B_API_KEY=$(wrenn-tui api-key)\n"
-        f"export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}"
+        f"export E2B_API_URL={url}\nexport E2B_SANDBOX_URL={url}\n"
+        "export WRENN_API_KEY=$(wrenn-tui api-key)\n"
+        f"export WRENN_BASE_URL={url}"
     )
 
 
@@ -24,7 +26,7 @@ def environment(url: str) -> str:
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
 def serve(host: str, port: int) -> None:
-    """Serve the E2B-compatible agent API: the unmodified E2B SDK then drives capsules."""
+    """Serve the agent API: the unmodified E2B and Wrenn SDKs then drive capsules."""
     import asyncio
 
     from .keys import load_or_create_key
@@ -43,13 +45,17 @@ async def _serve(host: str, port: int, key: str) -> None:
     import signal
 
     from backend.capsules.manager import CapsuleManager
+    from backend.sampler import ManagerSource, Sampler
 
     from .capsules import ManagerCapsules
     from .server import ApiServer
 
     manager = CapsuleManager(default_paths())
     await manager.start(watchdog=True)
-    server = ApiServer(ManagerCapsules(manager), key, host=host, port=port)
+    # Wrenn's metrics routes read its history (the dashboard runs its own).
+    sampler = Sampler(ManagerSource(manager), store=manager.store)
+    await sampler.start()
+    server = ApiServer(ManagerCapsules(manager, sampler), key, host=host, port=port)
     try:
         await server.start()
         shown = f"[{host}]" if ":" in host else host
@@ -65,6 +71,7 @@ async def _serve(host: str, port: int, key: str) -> None:
         )
     finally:
         await server.stop()
+        await sampler.stop()
         await manager.close()
 
 

@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from starlette.requests import HTTPConnection
+
 from backend.config import Paths
 
 KEY_FILE = "api-key"
@@ -73,3 +75,13 @@ def rotate_key(paths: Paths) -> str:
 
 def key_matches(expected: str, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def given_key(connection: HTTPConnection) -> str | None:
+    """The key a request (or WebSocket handshake) carries: ``X-API-Key`` (E2B's and Wrenn's
+    SDKs) or ``Authorization: Bearer``."""
+    given = connection.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else None
+    return given

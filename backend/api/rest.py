@@ -38,7 +38,7 @@ from backend.capsules.templates import (
 )
 
 from .capsules import Capsules
-from .keys import key_matches
+from .keys import given_key, key_matches
 
 log = logging.getLogger("wrenn.api")
 
@@ -590,11 +590,7 @@ class Api:
     # -- plumbing ---------------------------------------------------------------------------
 
     def authorized(self, request: Request) -> bool:
-        given = request.headers.get("x-api-key")
-        if given is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            given = token.strip() if scheme.lower() == "bearer" else None
-        return key_matches(self.api_key, given)
+        return key_matches(self.api_key, given_key(request))
 
     def guarded(
         self, handler: Callable[[Request], Awaitable[Response]]

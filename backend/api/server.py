@@ -1,6 +1,6 @@
-"""One port for both halves: a request naming a sandbox (``E2b-Sandbox-Id``) goes to the
-sandbox proxy, anything else to the REST API. So ``E2B_API_URL`` and ``E2B_SANDBOX_URL``
-may be the same URL (they may also differ: only the header decides)."""
+"""One port for both APIs: a request naming a sandbox (``E2b-Sandbox-Id``) goes to the
+sandbox proxy, a path under ``/v1/`` to Wrenn's API (wrenn/), anything else to E2B's REST API.
+So ``E2B_API_URL``, ``E2B_SANDBOX_URL`` and ``WRENN_BASE_URL`` may all be the same URL."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from . import DEFAULT_HOST, DEFAULT_PORT
 from .capsules import Capsules
 from .proxy import SANDBOX_ID_HEADER, SandboxProxy
 from .rest import Api, error
+from .wrenn.app import PREFIX as WRENN_PREFIX
+from .wrenn.app import WrennApp
+from .wrenn.ports import PortProxy, port_target
 
 log = logging.getLogger("wrenn.api")
 
@@ -50,6 +53,8 @@ class AgentApp:
     def __init__(self, capsules: Capsules, api_key: str) -> None:
         self.api = Api(capsules, api_key)
         self.proxy = SandboxProxy(capsules)
+        self.wrenn = WrennApp(capsules, api_key)
+        self.ports = PortProxy(capsules)
         self.rest: ASGIApp = Starlette(
             routes=self.api.routes(),
             exception_handlers={404: _not_found, 405: _method_not_allowed},
@@ -59,6 +64,7 @@ class AgentApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         reaper = asyncio.create_task(self._reap(), name="e2b-timeouts")
+        await self.wrenn.start()
         try:
             yield
         finally:
@@ -66,6 +72,7 @@ class AgentApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             await self.proxy.aclose()
+            await self.wrenn.aclose()
 
     async def _reap(self) -> None:
         while True:
@@ -76,10 +83,18 @@ class AgentApp:
                 log.exception("ending timed-out sandboxes failed")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if port_target(scope) is not None:
+            # http://{port}-{capsule id}.{host}: a program's port in the capsule (Wrenn's
+            # get_url); no API key, like Wrenn's own proxy: the capsule id names it.
+            await self.ports(scope, receive, send)
+            return
         if scope["type"] == "http" and any(
             name == SANDBOX_HEADER for name, _ in scope.get("headers", [])
         ):
             await self.proxy(scope, receive, send)
+            return
+        if scope["type"] in ("http", "websocket") and scope["path"].startswith(WRENN_PREFIX):
+            await self.wrenn(scope, receive, send)
             return
         if scope["type"] == "http" and is_signed_file_url(scope):
             await self.proxy.signed(scope, receive, send)

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backend import sparse
 from backend.capsules import snapshots
@@ -33,15 +33,16 @@ if TYPE_CHECKING:
 COPY_ERRORS = (VMMError, EnvdError, SnapshotCorrupt, OSError)
 
 
-async def save_template(m: CapsuleManager, capsule_id: str, name: str) -> Template:
+async def save_template(m: CapsuleManager, capsule_id: str, name: str, **record: Any) -> Template:
     """Save a running or paused capsule as template `name`. A running capsule is stopped
-    only while its RAM and disk are copied; a paused one stays paused."""
+    only while its RAM and disk are copied; a paused one stays paused. `record`: more
+    Template fields (a recipe layer's `hidden`, `env`, ...)."""
     m.templates.check_new_name(name)
     async with m.locks.hold(capsule_id):
         source = m.get(capsule_id)
         require(source, Action.TEMPLATE)
         try:
-            template = await _write_template(m, source, name)
+            template = await _write_template(m, source, name, record)
         except COPY_ERRORS as exc:
             raise CapsuleError(
                 f"template {name!r} from {source.id} failed: {exc}; {source.id} is unchanged"
@@ -54,7 +55,9 @@ async def save_template(m: CapsuleManager, capsule_id: str, name: str) -> Templa
         return template
 
 
-async def _write_template(m: CapsuleManager, source: Capsule, name: str) -> Template:
+async def _write_template(
+    m: CapsuleManager, source: Capsule, name: str, record: dict[str, Any]
+) -> Template:
     with m.layout.work_dir("template") as work:
         captured = await _capture(m, source, work / "capture")
         out = work / name
@@ -87,6 +90,7 @@ async def _write_template(m: CapsuleManager, source: Capsule, name: str) -> Temp
                 network=source.network,
                 accel=source.accel,
                 allocated=manifest.total_allocated,
+                **record,
             ),
         )
     return template

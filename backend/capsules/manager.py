@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import re
 import secrets
 import shutil
 import time
@@ -61,6 +62,7 @@ BOOT_DEADLINE_S = 180.0
 RESUME_DEADLINE_S = 60.0
 DEFAULT_MEMORY_MIB = 256
 DEFAULT_TEMPLATE = "default"
+CAPSULE_ID_RULE = re.compile(r"cl-[0-9a-z]{12}")
 
 Listener = Callable[[Capsule], None]
 Progress = Callable[[str], None]
@@ -194,8 +196,9 @@ class CapsuleManager:
         except VMMError:
             return None
 
-    def list_templates(self) -> list[Template]:
-        return self.templates.all()
+    def list_templates(self, include_hidden: bool = False) -> list[Template]:
+        """Images and saved templates (with `include_hidden`: recipe layers too)."""
+        return self.templates.all(include_hidden)
 
     def template_users(self, name: str) -> list[str]:
         """Capsules whose disk (or snapshot) builds on template `name`."""
@@ -234,18 +237,27 @@ class CapsuleManager:
         network: str | None = None,
         cold: bool = False,
         progress: Progress | None = None,
+        capsule_id: str | None = None,
+        labels: dict[str, object] | None = None,
     ) -> Capsule:
         """Start a capsule from a template: a user template's snapshot (its size and network
         mode are the template's), or an image's warm snapshot (built on first use of a size),
         or a cold boot of the image with `cold=True` or when that snapshot is missing or fails
-        its checksums (the event log says which)."""
+        its checksums (the event log says which). `capsule_id` (default: a new one) lets a caller
+        name the capsule before it exists (an API answering before the start is done).
+        `labels` go into the capsule's `extra` from its first record (a recipe build marks its
+        capsule so)."""
+        if capsule_id is not None:
+            _check_new_id(capsule_id, self.store.get(capsule_id))
         found = self.templates.get(template)
         if not found.builtin:
             if cold:
                 raise CapsuleError(
                     f"template {template!r} is a saved capsule state: it cannot boot cold"
                 )
-            return await self._create_from_template(found, memory_mib, vcpus, network, auto_pause_s)
+            return await self._create_from_template(
+                found, memory_mib, vcpus, network, auto_pause_s, labels or {}, capsule_id
+            )
         memory_mib = DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib
         vcpus = 1 if vcpus is None else vcpus
         network = network or "none"
@@ -254,8 +266,17 @@ class CapsuleManager:
         image_dir = Path(found.image_dir)
         runtime = self.runtime(image_dir)
         capsule = self._new_capsule(
-            template, image_dir, memory_mib, vcpus, network, auto_pause_s, runtime.accel
+            template,
+            image_dir,
+            memory_mib,
+            vcpus,
+            network,
+            auto_pause_s,
+            runtime.accel,
+            **(labels or {}),
         )
+        if capsule_id is not None:
+            capsule = capsule.with_(id=capsule_id)
         async with self.locks.hold(capsule.id):
             capsule = await self._register(capsule)
             self.event(
@@ -400,10 +421,12 @@ class CapsuleManager:
         disk: DiskFrom,
         what: str,
         token: str | None = None,
+        init_extra: dict[str, object] | None = None,
     ) -> tuple[Capsule, dict[str, float]]:
         """Run `capsule` from a snapshot: envd answers and has the capsule's identity.
 
-        `token` is the one envd holds in that snapshot (default: the capsule's own)."""
+        `token` is the one envd holds in that snapshot (default: the capsule's own);
+        `init_extra`: more /init fields (a template's process defaults)."""
         started = time.monotonic()
         run_dir = self.layout.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -429,7 +452,11 @@ class CapsuleManager:
         capsule = holder[0]
         async with self.envd(capsule, token=token or snapshot.envd_token) as envd:
             await snapshots.bring_up(
-                vm, envd, capsule.memory_mib, init_body(capsule), RESUME_DEADLINE_S
+                vm,
+                envd,
+                capsule.memory_mib,
+                {**init_body(capsule), **(init_extra or {})},
+                RESUME_DEADLINE_S,
             )
         timings["init"] = round(time.monotonic() - started, 3)
         return capsule, timings
@@ -441,6 +468,8 @@ class CapsuleManager:
         vcpus: int | None,
         network: str | None,
         auto_pause_s: int,
+        labels: dict[str, object],
+        capsule_id: str | None = None,
     ) -> Capsule:
         for asked, fixed, what in (
             (memory_mib, template.memory_mib, "memory (MiB)"),
@@ -468,7 +497,10 @@ class CapsuleManager:
             auto_pause_s,
             runtime.accel,
             init_token=snapshot.envd_token,
+            **labels,
         )
+        if capsule_id is not None:
+            capsule = capsule.with_(id=capsule_id)
         async with self.locks.hold(capsule.id):
             # recorded under the template lock: `template rm` sees this capsule as a user
             with self.templates.lock(shared=True):
@@ -488,6 +520,8 @@ class CapsuleManager:
                     snapshot,
                     DiskFrom(overlay_on=Path(template.path) / snapshots.DISK),
                     f"template {template.name}",
+                    # a recipe's ENV, WORKDIR, USER: envd's defaults for every later process
+                    init_extra=template.process_defaults(),
                 )
             except (SnapshotCorrupt, VMMError, EnvdError, OSError, CapsuleError) as exc:
                 await self._kill(capsule)
@@ -795,6 +829,13 @@ class CapsuleManager:
         """Record activity (exec, PTY input): resets the auto-pause timer. One conditional
         update: it never writes over a state another operation committed meanwhile."""
         self.store.touch(capsule_id, time.time())
+
+
+def _check_new_id(capsule_id: str, existing: Capsule | None) -> None:
+    if not CAPSULE_ID_RULE.fullmatch(capsule_id):
+        raise CapsuleError(f"invalid capsule id {capsule_id!r}: use cl- and 12 of a-z 0-9")
+    if existing is not None:
+        raise CapsuleError(f"a capsule {capsule_id!r} exists already")
 
 
 def _check_size(memory_mib: int, vcpus: int) -> None:

@@ -14,6 +14,8 @@ whatever operation the agent died in is finished or undone:
   pausing, alive           run again as above -> running; a half-written generation removed
   pausing, dead            paused if the new generation was committed, else error
   paused                   error if its generation is missing
+  a recipe build's capsule removed, alive or not, when no live agent holds its build
+                           (backend/recipes/builder.py: the build's locked work dir is gone)
 Also removed: work directories nobody holds (a killed template create or fork), and network
 namespaces of capsules that are gone.
 """
@@ -26,6 +28,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from backend.capsules import snapshots
+from backend.capsules.builds import build_abandoned
 from backend.capsules.envd_client import EnvdError
 from backend.capsules.guest import init_body
 from backend.capsules.models import Capsule, State
@@ -60,7 +63,14 @@ class Reconciler:
         vm = self.m.vm(capsule) if capsule.pid is not None else None
         alive = vm is not None and vm.alive()
         state = capsule.state
-        if state == State.RUNNING and alive:
+        if build_abandoned(capsule):
+            if alive:
+                assert vm is not None
+                vm.kill()
+                await vm.wait_exit(5)
+            await self.m.networks.teardown(capsule)
+            self._remove(capsule, f"build of {capsule.extra.get('build')} cut short")
+        elif state == State.RUNNING and alive:
             assert vm is not None
             if capsule.extra.get("capturing") or not await self._vcpus_running(vm):
                 await self._run_again(capsule, vm, "a capture was interrupted")

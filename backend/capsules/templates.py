@@ -26,7 +26,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from backend import sparse
@@ -102,6 +102,26 @@ class Template:
     allocated: int = 0
     """Bytes on disk (RAM, device state and disk; for an image: its files and snapshots)."""
     path: str = ""
+    hidden: bool = False
+    """A recipe build's cached layer (backend/recipes/): not listed unless asked for."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment, working directory and account of the capsules' processes (a recipe's
+    ENV, WORKDIR and USER), given to envd's /init when a capsule starts from the template."""
+    workdir: str = ""
+    user: str = ""
+    layers: list[str] = field(default_factory=list)
+    """A recipe-built template's layer cache keys, FROM first (`template prune` keeps these)."""
+
+    def process_defaults(self) -> dict[str, object]:
+        """The /init fields that make env, workdir and user the capsules' defaults."""
+        body: dict[str, object] = {}
+        if self.env:
+            body["envVars"] = dict(self.env)
+        if self.workdir:
+            body["defaultWorkdir"] = self.workdir
+        if self.user:
+            body["defaultUser"] = self.user
+        return body
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -165,7 +185,7 @@ class TemplateStore:
             raise CapsuleError(f"template {template.name!r} is damaged: its snapshot is unreadable")
         return manifest
 
-    def all(self) -> list[Template]:
+    def all(self, include_hidden: bool = False) -> list[Template]:
         images = [
             t
             for status in ImageBuilder(self.paths).list_images()
@@ -174,7 +194,8 @@ class TemplateStore:
         users: list[Template] = []
         if self.layout.templates.is_dir():
             for directory in sorted(self.layout.templates.iterdir()):
-                if directory.is_dir() and (t := Template.load(directory)) is not None:
+                t = Template.load(directory) if directory.is_dir() else None
+                if t is not None and (include_hidden or not t.hidden):
                     users.append(t)
         return images + users
 

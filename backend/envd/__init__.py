@@ -100,6 +100,10 @@ Processes (piped stdio; each in its own session and process group)
         ``POST /exec?stream=1[&encoding=utf8|base64]`` answers with the NDJSON events above
         (the exit event also has "timed_out").
 
+Ports: WebSocket /tcp?port=N -> one TCP connection to 127.0.0.1:N in the guest, its bytes as
+    binary messages both ways; closed with code 4404 (reason says why) when nothing listens,
+    4400 for a bad port (envd's own port is refused). Ends when either side closes.
+
 Terminals: WebSocket /pty, JSON text frames; GET /pty lists sessions:
         [{"tag", "pid", "cmd", "cols", "rows", "cwd", "user", "alive", "exit_code",
         "signal", "attached", "created_at"}]

@@ -30,6 +30,7 @@ from .processes import Encoding, ExecRequest, StartRequest
 from .pty_ws import PtyConnection
 from .service import Envd
 from .state import InitRequest
+from .tunnel import tcp_tunnel
 from .users import Account
 from .validation import Fields, ascii_digits, parse_signal
 
@@ -248,6 +249,7 @@ class Api:
             Route("/exec", self.exec, methods=["POST"]),
             Route("/pty", self.pty_list, methods=["GET"]),
             WebSocketRoute("/pty", self.pty_socket),
+            WebSocketRoute("/tcp", tcp_tunnel),
         ]
 
 

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.timeout(60)
 SnapCompare = Callable[..., bool]
 HOST = HostTotals(cpu_pct=23.0, mem_used=6 * 2**30, mem_total=24 * 2**30)
 MIB = 2**20
+IDS = ("cl-k3v9q2m7x1ab", "cl-k3v9q2w0c8dd", "cl-7hzp4nq2e5tt", "cl-a0r6yb3kd2uf")
+SIZES = [(80, 24), (120, 40), (200, 50)]
 
 
 def wave(length: int, base: float, swing: float, period: float) -> list[float]:
@@ -46,10 +48,20 @@ def frozen_app(tui_paths: Paths, utc: None) -> Iterator[WrennApp]:
     manager = CapsuleManager(tui_paths)
     store = manager.store
     started = FROZEN_NOW - 3723
-    web = seed_capsule(store, 0, State.RUNNING, started_at=started, generation=1)
-    batch = seed_capsule(store, 1, State.RUNNING, started_at=started + 3000, memory_mib=512)
-    idle = seed_capsule(store, 2, State.PAUSED, generation=3)
-    seed_capsule(store, 3, State.ERROR, reason="QEMU exited unexpectedly; see the console log")
+    # Ids as the manager makes them; two share their first 6 characters, so the short ids
+    # shown in narrow windows are 7 long.
+    web = seed_capsule(store, 0, State.RUNNING, started_at=started, generation=1, id=IDS[0])
+    batch = seed_capsule(
+        store, 1, State.RUNNING, started_at=started + 3000, memory_mib=512, id=IDS[1]
+    )
+    idle = seed_capsule(store, 2, State.PAUSED, generation=3, id=IDS[2])
+    seed_capsule(
+        store,
+        3,
+        State.ERROR,
+        reason="QEMU exited unexpectedly; see the console log",
+        id=IDS[3],
+    )
     for capsule, gen in ((web, 1), (idle, 3)):
         store.put_snapshot(
             Snapshot(
@@ -112,6 +124,14 @@ def frozen_app(tui_paths: Paths, utc: None) -> Iterator[WrennApp]:
 
 def test_main_screen(snap_compare: SnapCompare, frozen_app: WrennApp) -> None:
     assert snap_compare(frozen_app, press=["C"], terminal_size=(200, 16))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda size: f"{size[0]}x{size[1]}")
+def test_main_screen_fits_the_window(
+    snap_compare: SnapCompare, frozen_app: WrennApp, size: tuple[int, int]
+) -> None:
+    """Every row shows its id, state and both sparklines with their values at any size."""
+    assert snap_compare(frozen_app, press=["M"], terminal_size=size)
 
 
 def test_detail_screen(snap_compare: SnapCompare, frozen_app: WrennApp) -> None:

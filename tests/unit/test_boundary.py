@@ -71,6 +71,56 @@ def test_importing_the_backend_api_loads_no_textual() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+TUI = BACKEND.parent / "tui"
+
+
+def _module_imports(path: Path) -> set[str]:
+    """Full module names imported by `path`, inside `if TYPE_CHECKING:` too."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_tui_reaches_runtime_and_image_only_through_the_port() -> None:
+    offenders = {
+        str(p.relative_to(TUI)): sorted(
+            m for m in _module_imports(p) if m.startswith(("backend.runtime", "backend.image"))
+        )
+        for p in TUI.rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_import_circle_in_the_tui() -> None:
+    modules = {
+        ".".join(("tui", *p.relative_to(TUI).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in TUI.rglob("*.py")
+    }
+    graph = {
+        name: {m for m in _module_imports(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = [*path[path.index(name) :], name]
+            raise AssertionError("import circle: " + " -> ".join(cycle))
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
 def _backend_imports(path: Path) -> set[str]:
     """The backend modules a file imports, dotted (`backend.capsules.store`)."""
     tree = ast.parse(path.read_text())
@@ -94,7 +144,7 @@ LAYERS = [
     ("sparse.py", ("backend.capsules", "backend.image", "backend.runtime", "backend.api")),
     ("image", ("backend.capsules", "backend.api", "backend.sampler")),
     ("runtime", ("backend.capsules", "backend.api", "backend.sampler", "backend.image")),
-    ("capsules", ("backend.api", "backend.sampler")),
+    ("capsules", ("backend.api", "backend.sampler", "backend.recipes")),
 ]
 
 

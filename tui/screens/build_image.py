@@ -16,9 +16,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, ProgressBar, Static
 
-from backend.config import Paths
-from backend.image.builder import ImageBuilder
-from backend.image.errors import ImageBuildError
+from backend.dashboard import ImageBuildFailed, ManagerPort
 
 INTRO = (
     "No capsule image is installed, so capsules cannot be created yet.\n"
@@ -33,9 +31,9 @@ class BuildImageScreen(ModalScreen[bool]):
     CSS_PATH = "build_image.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
 
-    def __init__(self, paths: Paths) -> None:
+    def __init__(self, port: ManagerPort) -> None:
         super().__init__()
-        self.builder = ImageBuilder(paths)
+        self.port = port
         self.building = False
 
     def compose(self) -> ComposeResult:
@@ -56,7 +54,7 @@ class BuildImageScreen(ModalScreen[bool]):
 
     def action_close(self) -> None:
         if not self.building:
-            self.dismiss(self.builder.status().present)
+            self.dismiss(self.port.image_present())
 
     def start_build(self) -> None:
         self.building = True
@@ -91,7 +89,7 @@ class BuildImageScreen(ModalScreen[bool]):
 
         error: str | None = None
         try:
-            self.builder.build(progress=report)
-        except (ImageBuildError, OSError) as exc:
+            self.port.build_image(report)
+        except ImageBuildFailed as exc:
             error = str(exc)
         self.app.call_from_thread(self.finished, error)

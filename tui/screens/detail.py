@@ -19,15 +19,14 @@ from textual.widgets import DataTable, Footer, Header, Label, Log, Static, Tab, 
 
 from backend.capsules.errors import CapsuleNotFound
 from backend.capsules.models import Capsule, Event, Snapshot, State
-from backend.runtime.base import BalloonStats
-from backend.sampler import RANGES, Tick
+from backend.sampler import RANGES, BalloonStats, Tick
 from tui import format as fmt
 from tui.console_tail import ConsoleTail
 from tui.widgets.capsule_table import STATE_STYLES
 from tui.widgets.metric_chart import MetricChart, Series
 
 if TYPE_CHECKING:
-    from tui.app import WrennApp
+    from tui.context import Dashboard
 
 log = logging.getLogger("wrenn.tui")
 
@@ -69,8 +68,8 @@ class DetailScreen(Screen[None]):
         self._unsubscribe: Callable[[], None] | None = None
 
     @property
-    def wrenn(self) -> WrennApp:
-        return cast("WrennApp", self.app)
+    def wrenn(self) -> Dashboard:
+        return cast("Dashboard", self.app)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -95,7 +94,7 @@ class DetailScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.sub_title = self.capsule_id
-        self.console = ConsoleTail(self.wrenn.manager.layout.console_log(self.capsule_id))
+        self.console = ConsoleTail(self.wrenn.backend.console_log(self.capsule_id))
         self.query_one("#snapshots", DataTable).add_columns(
             "gen", "RAM", "disk", "state", "total", "pause", "taken"
         )
@@ -119,7 +118,7 @@ class DetailScreen(Screen[None]):
 
     def refresh_all(self) -> None:
         try:
-            capsule = self.wrenn.manager.get(self.capsule_id)
+            capsule = self.wrenn.backend.get(self.capsule_id)
         except CapsuleNotFound:
             self.notify(f"{self.capsule_id} no longer exists", severity="warning")
             self.dismiss()
@@ -200,7 +199,7 @@ class DetailScreen(Screen[None]):
         self.query_one("#balloon", Static).update(text)
 
     def _show_snapshots(self) -> None:
-        snapshots = tuple(self.wrenn.manager.snapshots(self.capsule_id))
+        snapshots = tuple(self.wrenn.backend.snapshots(self.capsule_id))
         if snapshots == self._shown_snapshots:
             return
         self._shown_snapshots = snapshots
@@ -218,7 +217,7 @@ class DetailScreen(Screen[None]):
             )
 
     def _show_events(self) -> None:
-        events = tuple(self.wrenn.manager.events(self.capsule_id, EVENT_LIMIT))
+        events = tuple(self.wrenn.backend.events(self.capsule_id, EVENT_LIMIT))
         if events == self._shown_events:
             return
         self._shown_events = events

@@ -30,3 +30,8 @@ class HelpScreen(ModalScreen[None]):
             table.add_rows(self.keys)
             yield table
             yield Label("esc closes", id="hint")
+
+    def on_resize(self) -> None:
+        # the list scrolls rather than pushing the title or the hint off a short window
+        chrome = 4  # border, title and hint
+        self.query_one(DataTable).styles.max_height = max(3, min(30, self.size.height - chrome))

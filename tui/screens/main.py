@@ -22,22 +22,24 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
 
+from backend.capsules.actions import TRANSITIONAL, Action, allowed
 from backend.capsules.models import Capsule, State
 from backend.sampler import Tick
+from tui import messages as msg
+from tui.host import capacity
 from tui.terminal import TerminalPane, session_tag
 from tui.terminal.attach import AttachError, attach_fullscreen
-from tui.widgets.capsule_table import SPARK_POINTS, CapsuleTable, CapsuleView, SortMode
+from tui.widgets.capsule_table import SPARK_MAX, CapsuleTable, CapsuleView, SortMode
 from tui.widgets.sparkline import SparkHistory
 from tui.widgets.status_bar import StatusBar, StatusInfo
 
 if TYPE_CHECKING:
-    from tui.app import WrennApp
+    from tui.context import Dashboard
 
 log = logging.getLogger("wrenn.tui")
 
 STALL_AFTER_S = 3.0
 """No tick for this long: the status line says the sampler has stalled."""
-TRANSITIONS = (State.PENDING, State.PAUSING, State.RESUMING)
 UPDATE_HISTORY = 600
 SPARK_SERIES = ("guest_mem_used", "guest_cpu_pct")
 
@@ -49,6 +51,10 @@ class MainScreen(Screen[None]):
         Binding("p", "pause", "Pause"),
         Binding("r", "resume", "Resume"),
         Binding("ctrl+d", "destroy", "Destroy"),
+        Binding("t", "template", "Template"),
+        Binding("f", "fork", "Fork"),
+        Binding("T", "templates", "Templates", key_display="T"),
+        Binding("H", "host", "Host", key_display="H"),
         Binding("s", "shell", "Shell"),
         Binding("A", "attach", "Attach", key_display="A"),
         Binding("x", "close_shell", "Close shell"),
@@ -69,7 +75,7 @@ class MainScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.pending_ticks: list[Tick] = []
-        self.sparks = SparkHistory(SPARK_SERIES, SPARK_POINTS)
+        self.sparks = SparkHistory(SPARK_SERIES, SPARK_MAX)
         self.last_tick: Tick | None = None
         self.last_tick_at = time.monotonic()
         self.filter_text = ""
@@ -82,8 +88,8 @@ class MainScreen(Screen[None]):
         self._unsubscribe: Callable[[], None] | None = None
 
     @property
-    def wrenn(self) -> WrennApp:
-        return cast("WrennApp", self.app)
+    def wrenn(self) -> Dashboard:
+        return cast("Dashboard", self.app)
 
     @property
     def table(self) -> CapsuleTable:
@@ -165,7 +171,7 @@ class MainScreen(Screen[None]):
     def _refresh_rows(self) -> None:
         started = time.perf_counter()
         app = self.wrenn
-        capsules = app.manager.list_capsules()
+        capsules = app.backend.list_capsules()
         tick = self.last_tick
         now = tick.ts if tick is not None else app.clock()
         views = [self._view(capsule) for capsule in capsules if self._matches(capsule)]
@@ -186,7 +192,7 @@ class MainScreen(Screen[None]):
         if capsule.id not in self.sparks:
             self.sparks.seed(
                 capsule.id,
-                {name: sampler.history(capsule.id, name, SPARK_POINTS) for name in SPARK_SERIES},
+                {name: sampler.history(capsule.id, name, SPARK_MAX) for name in SPARK_SERIES},
             )
         running = capsule.state == State.RUNNING
         return CapsuleView(
@@ -204,7 +210,7 @@ class MainScreen(Screen[None]):
         key = (capsule.id, capsule.generation)
         if key not in self._snapshot_sizes:
             sizes = {
-                s.generation: s.total_allocated for s in self.wrenn.manager.snapshots(capsule.id)
+                s.generation: s.total_allocated for s in self.wrenn.backend.snapshots(capsule.id)
             }
             self._snapshot_sizes[key] = sizes.get(capsule.generation)
         return self._snapshot_sizes[key]
@@ -219,13 +225,21 @@ class MainScreen(Screen[None]):
         app = self.wrenn
         states = [c.state for c in capsules]
         stats = self.last_tick.stats if self.last_tick is not None else app.sampler.stats
+        host = app.host_probe()
+        room = capacity(
+            host,
+            (app.sampler.latest(c.id) for c in capsules if c.state == State.RUNNING),
+            app.backend.default_memory_mib,
+        )
         self.query_one(StatusBar).show(
             StatusInfo(
                 running=states.count(State.RUNNING),
                 paused=states.count(State.PAUSED),
-                busy=sum(states.count(s) for s in TRANSITIONS),
+                busy=sum(states.count(s) for s in TRANSITIONAL),
                 failed=states.count(State.ERROR),
-                host=app.host_probe(),
+                host=host,
+                fits=room.fits,
+                warnings=room.warnings,
                 tick_p99_ms=stats.tick_p99_ms if stats.ticks else None,
                 accel=app.accel,
                 sort=self.table.row_sort.label,
@@ -261,51 +275,65 @@ class MainScreen(Screen[None]):
     def _row_clicked(self) -> None:
         self.action_details()
 
+    KEY_ACTIONS: ClassVar[dict[str, Action]] = {
+        "pause": Action.PAUSE,
+        "resume": Action.RESUME,
+        "destroy": Action.DESTROY,
+        "shell": Action.EXEC,
+        "attach": Action.EXEC,
+        "template": Action.TEMPLATE,
+        "fork": Action.FORK,
+    }
+    """Keys that act on the selected capsule, and the operation each is (its state decides,
+    by the one rule in backend/capsules/actions.py, whether the key is enabled)."""
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "clear_filter":
             return bool(self._binding_state and self._binding_state[1])
         if action == "close_shell":
             return True if self._shell_panes() else None
-        if action in ("shell", "attach"):
-            view = self.selected_view()
-            running = view is not None and view.capsule.state == State.RUNNING
-            return True if running and view is not None and view.operation is None else None
-        if action not in ("pause", "resume", "destroy", "details"):
+        if action == "details":
+            return True if self.selected_view() is not None else None
+        operation = self.KEY_ACTIONS.get(action)
+        if operation is None:
             return True
         view = self.selected_view()
-        if view is None:
+        if view is None or view.operation is not None:
             return None
-        if action == "details":
-            return True
-        state = view.capsule.state
-        if view.operation is not None:
-            return None
-        if action == "pause":
-            return True if state == State.RUNNING else None
-        if action == "resume":
-            return True if state == State.PAUSED else None
-        return True if state not in TRANSITIONS else None
+        return True if allowed(view.capsule.state, operation) else None
 
     # -- actions ----------------------------------------------------------------------------
 
     def action_create(self) -> None:
-        self.wrenn.request_create()
+        self.post_message(msg.CreateRequested())
+
+    def _request(self, request: type[msg.CapsuleRequest]) -> None:
+        if (view := self.selected_view()) is not None:
+            self.post_message(request(view.capsule.id))
 
     def action_pause(self) -> None:
-        if (view := self.selected_view()) is not None:
-            self.wrenn.pause_capsule(view.capsule.id)
+        self._request(msg.PauseRequested)
 
     def action_resume(self) -> None:
-        if (view := self.selected_view()) is not None:
-            self.wrenn.resume_capsule(view.capsule.id)
+        self._request(msg.ResumeRequested)
 
     def action_destroy(self) -> None:
-        if (view := self.selected_view()) is not None:
-            self.wrenn.request_destroy(view.capsule.id)
+        self._request(msg.DestroyRequested)
 
     def action_details(self) -> None:
-        if (view := self.selected_view()) is not None:
-            self.wrenn.show_details(view.capsule.id)
+        self._request(msg.DetailsRequested)
+
+    def action_template(self) -> None:
+        self._request(msg.TemplateRequested)
+
+    def action_fork(self) -> None:
+        self._request(msg.ForkRequested)
+
+    def action_templates(self) -> None:
+        self.post_message(msg.TemplatesRequested())
+
+    def action_host(self) -> None:
+        self.post_message(msg.HostRequested())
 
     def action_sort(self, mode: str) -> None:
         table = self.table
@@ -315,7 +343,9 @@ class MainScreen(Screen[None]):
     def action_filter(self) -> None:
         field = self.query_one("#filter", Input)
         field.display = True
-        field.focus()
+        # At once, not after the queued messages (focus() waits for them): a key typed right
+        # after `/` belongs to the filter, not to the table's bindings.
+        self.set_focus(field)
         self._refresh_bindings_if_needed()
 
     def action_clear_filter(self) -> None:
@@ -339,7 +369,7 @@ class MainScreen(Screen[None]):
         self._refresh_bindings_if_needed()
 
     def action_help(self) -> None:
-        self.wrenn.show_help(self)
+        self.post_message(msg.HelpRequested())
 
     # -- shells -----------------------------------------------------------------------------
 
@@ -375,7 +405,7 @@ class MainScreen(Screen[None]):
         tabs.active = f"shell-{capsule.id}"
         pane.set_paused(capsule.state != State.RUNNING)
         pane.focus()
-        self.wrenn.manager.touch(capsule.id)
+        self.wrenn.backend.touch(capsule.id)
         self.refresh_bindings()
 
     async def action_attach(self) -> None:
@@ -383,7 +413,7 @@ class MainScreen(Screen[None]):
         if view is None:
             return
         capsule = view.capsule
-        self.wrenn.manager.touch(capsule.id)
+        self.wrenn.backend.touch(capsule.id)
         pane = self._shell_pane(capsule.id)
         if pane is not None:
             # the pane lets go of its socket while the real terminal drives the session

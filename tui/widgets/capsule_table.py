@@ -8,13 +8,21 @@ selection never jumps to another capsule under them.
 
 The live figures share a cell with their sparkline (guest memory with the host RSS beside it,
 guest CPU with the host's), so a tick changes two cells per running row rather than five.
+
+The table fits its width (`fit`): the capsule id, its state and the memory and CPU sparklines
+with their current values always show; as the window narrows the other columns give way in
+this order: the full id becomes its shortest unique prefix (at least 6 characters, like git's
+short hashes), then TEMPLATE, SNAPSHOT, UPTIME, the host's figures beside the guest's (rss,
+host CPU), vCPU/MEM and last HEALTH. The sparklines take the width that is left (one block per
+second, so a wider window shows more history) and a resize re-lays the table at once, keeping
+the selection and the sort.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, cast
 
 from rich.segment import Segment
@@ -37,8 +45,13 @@ from tui.widgets.sparkline import sparkline
 Cell = Text
 """Always Text: a str cell would be parsed as markup, and a capsule's reason may hold '['."""
 
-SPARK_POINTS = 30
-"""Seconds of history in each sparkline (one block per second)."""
+SPARK_MIN = 10
+"""Narrowest sparkline: below it the next column gives way."""
+SPARK_MAX = 120
+"""Seconds of history kept for the sparklines (one block per second): the widest they grow."""
+ID_MIN = 6
+"""Shortest id prefix shown when ids are shortened."""
+ID_PREFIX = "cl-"
 CELL_CACHE_SIZE = 2048
 """Rendered cells kept: every visible cell, with and without the cursor, several times over."""
 LINE_CACHE_SIZE = 256
@@ -116,18 +129,91 @@ class ColumnSpec:
         return f"{head} · {self.tail}" if self.tail else head
 
 
-COLUMNS = (
-    ColumnSpec("id", "ID", 15),
+CELL_PAD = 2
+"""DataTable's cell padding, both sides together."""
+FULL_ID = len(ID_PREFIX) + 12
+HEALTH_WIDTH = 14
+FIXED = (
     ColumnSpec("state", "STATE", 11),
     ColumnSpec("template", "TEMPLATE", 8),
     ColumnSpec("size", "vCPU/MEM", 8),
     ColumnSpec("uptime", "UPTIME", 7),
     ColumnSpec("snapshot", "SNAPSHOT", 8),
-    ColumnSpec("health", "HEALTH", 14),
-    ColumnSpec("mem", "GUEST MEM", SPARK_POINTS + 21, tail="HOST RSS"),
-    ColumnSpec("cpu", "GUEST CPU", SPARK_POINTS + 17, tail="HOST CPU"),
+    ColumnSpec("health", "HEALTH", HEALTH_WIDTH),
 )
+MEM_FIGURES = 12
+"""` 52.0M/240M` at its widest (` 1023M/64.0G`)."""
+CPU_FIGURES = 5
+"""` 100%`."""
+RSS_FIGURES = 11
+"""`  rss 1023M`."""
+HOST_CPU_FIGURES = 12
+"""`  host 1000%`."""
+GIVE_WAY = ("id", "template", "snapshot", "uptime", "host", "size", "health")
+"""What gives way, first to last, as the window narrows ("id": the id is shortened,
+"host": the host's figures beside the guest's)."""
 SORT_COLUMNS = {SortMode.CPU: "cpu", SortMode.MEMORY: "mem"}
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    columns: tuple[ColumnSpec, ...]
+    spark: int
+    """Sparkline width (= seconds of history shown)."""
+    host_figures: bool
+    short_ids: bool
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(spec.key for spec in self.columns)
+
+
+def fit(width: int, short_id_width: int = FULL_ID) -> TableLayout:
+    """The columns that fit `width` cells, each sparkline at least SPARK_MIN wide unless even
+    the four columns that always show leave less (then the table scrolls sideways)."""
+    layout = _layout(width, (), short_id_width)
+    for step in range(1, len(GIVE_WAY) + 1):
+        if layout.spark >= SPARK_MIN:
+            break
+        layout = _layout(width, GIVE_WAY[:step], short_id_width)
+    if layout.spark < SPARK_MIN:
+        layout = replace(layout, spark=max(layout.spark, 4))
+        layout = _layout(width, GIVE_WAY, short_id_width, layout.spark)
+    return layout
+
+
+def _layout(
+    width: int, dropped: tuple[str, ...], short_id_width: int, spark: int | None = None
+) -> TableLayout:
+    short_ids = "id" in dropped
+    host = "host" not in dropped
+    columns = [ColumnSpec("id", "ID", short_id_width if short_ids else FULL_ID)]
+    columns += [spec for spec in FIXED if spec.key not in dropped]
+    figures = MEM_FIGURES + CPU_FIGURES + (RSS_FIGURES + HOST_CPU_FIGURES if host else 0)
+    used = sum(spec.width + CELL_PAD for spec in columns) + figures + 2 * CELL_PAD
+    if spark is None:
+        spark = min(SPARK_MAX, (width - used) // 2)
+    tail_mem, tail_cpu = ("HOST RSS", "HOST CPU") if host else ("", "")
+    columns.append(
+        ColumnSpec("mem", "GUEST MEM", spark + MEM_FIGURES + (RSS_FIGURES if host else 0), tail_mem)
+    )
+    columns.append(
+        ColumnSpec(
+            "cpu", "GUEST CPU", spark + CPU_FIGURES + (HOST_CPU_FIGURES if host else 0), tail_cpu
+        )
+    )
+    return TableLayout(tuple(columns), spark, host, short_ids)
+
+
+def short_ids(capsule_ids: Sequence[str]) -> dict[str, str]:
+    """Each id's shortest prefix (without `cl-`, at least ID_MIN long) that no other id in
+    `capsule_ids` shares, one length for all so the column lines up."""
+    bodies = {cid: cid.removeprefix(ID_PREFIX) for cid in capsule_ids}
+    longest = max((len(b) for b in bodies.values()), default=ID_MIN)
+    length = ID_MIN
+    while length < longest and len({b[:length] for b in bodies.values()}) < len(bodies):
+        length += 1
+    return {cid: body[:length] for cid, body in bodies.items()}
 
 
 def _state_cell(view: CapsuleView) -> Text:
@@ -140,7 +226,10 @@ def _state_cell(view: CapsuleView) -> Text:
 def _health_cell(view: CapsuleView) -> Text:
     capsule, sample = view.capsule, view.sample
     if capsule.state == State.ERROR:
-        return Text(capsule.reason or "error", style="red")
+        # Whole words or an ellipsis, never a cut; the detail screen shows all of it.
+        reason = Text(capsule.reason or "error", style="red")
+        reason.truncate(HEALTH_WIDTH, overflow="ellipsis")
+        return reason
     if capsule.state != State.RUNNING or sample is None:
         return Text(fmt.UNKNOWN, style="dim")
     if sample.healthy:
@@ -156,7 +245,7 @@ def _uptime_cell(view: CapsuleView, now: float) -> Text:
 
 
 def _live_cell(spark: Text, guest: str | None, host_label: str, host: str | None) -> Text:
-    """A sparkline, the guest's figure in bold, then the host's beside it."""
+    """A sparkline, the guest's figure in bold, then the host's beside it (None: not shown)."""
     cell = Text.assemble(spark)
     if guest is not None:
         cell.append(guest, style="bold")
@@ -166,13 +255,13 @@ def _live_cell(spark: Text, guest: str | None, host_label: str, host: str | None
     return cell
 
 
-def _mem_cell(view: CapsuleView, now: float) -> Text:
+def _mem_cell(view: CapsuleView, now: float, layout: TableLayout) -> Text:
     sample = view.sample
     total = sample.guest_mem_total if sample and sample.guest_mem_total else None
     ceiling = float(total or view.capsule.memory_mib << 20)
-    spark = sparkline(view.mem_history, now, SPARK_POINTS, ceiling)
+    spark = sparkline(view.mem_history, now, layout.spark, ceiling)
     used = sample.guest_mem_used if sample else None
-    rss = sample.host_rss if sample else None
+    rss = sample.host_rss if sample and layout.host_figures else None
     return _live_cell(
         spark,
         None if used is None else f" {fmt.size(used)}/{fmt.size(total)}",
@@ -181,11 +270,11 @@ def _mem_cell(view: CapsuleView, now: float) -> Text:
     )
 
 
-def _cpu_cell(view: CapsuleView, now: float) -> Text:
+def _cpu_cell(view: CapsuleView, now: float, layout: TableLayout) -> Text:
     sample = view.sample
-    spark = sparkline(view.cpu_history, now, SPARK_POINTS, 100.0)
+    spark = sparkline(view.cpu_history, now, layout.spark, 100.0)
     guest = sample.guest_cpu_pct if sample else None
-    host = sample.host_cpu_pct if sample else None
+    host = sample.host_cpu_pct if sample and layout.host_figures else None
     return _live_cell(
         spark,
         None if guest is None else f" {fmt.percent(guest):>4}",
@@ -209,16 +298,21 @@ def _steady(a: CapsuleView, b: CapsuleView) -> bool:
 
 
 def render_row(
-    view: CapsuleView, now: float, previous: tuple[CapsuleView, dict[str, Cell]] | None = None
+    view: CapsuleView,
+    now: float,
+    layout: TableLayout,
+    label: str,
+    previous: tuple[CapsuleView, dict[str, Cell]] | None = None,
 ) -> dict[str, Cell]:
-    """The row's cells; with the `previous` view and cells, only what can have changed is
-    rebuilt (most ticks change only the live figures)."""
+    """The row's cells, `label` in the id column; with the `previous` view and cells (drawn
+    with the same layout and label), only what can have changed is rebuilt (most ticks change
+    only the live figures)."""
     if previous is not None and _steady(previous[0], view):
         cells = dict(previous[1])
     else:
         capsule = view.capsule
         cells = {
-            "id": Text(capsule.id),
+            "id": Text(label),
             "state": _state_cell(view),
             "template": Text(capsule.template),
             "size": Text(f"{capsule.vcpus}/{fmt.mib(capsule.memory_mib)}"),
@@ -226,8 +320,8 @@ def render_row(
             "health": _health_cell(view),
         }
     cells["uptime"] = _uptime_cell(view, now)
-    cells["mem"] = _mem_cell(view, now)
-    cells["cpu"] = _cpu_cell(view, now)
+    cells["mem"] = _mem_cell(view, now, layout)
+    cells["cpu"] = _cpu_cell(view, now, layout)
     return cells
 
 
@@ -284,10 +378,16 @@ class CapsuleTable(DataTable[Cell]):
         self._row_render_cache = LRUCache(LINE_CACHE_SIZE)
         self._line_cache = LRUCache(LINE_CACHE_SIZE)
         self._row_renderable_cache = LRUCache(LINE_CACHE_SIZE)
+        self._layout = fit(200)
+        self._short: dict[str, str] = {}
+        """Capsule id -> its shortest unique prefix among the rows."""
 
     def on_mount(self) -> None:
-        for spec in COLUMNS:
-            self.add_column(spec.label(), width=spec.width, key=spec.key)
+        self._relayout(force=True)
+
+    @property
+    def layout_now(self) -> TableLayout:
+        return self._layout
 
     @property
     def selected_id(self) -> str | None:
@@ -298,6 +398,50 @@ class CapsuleTable(DataTable[Cell]):
 
     def view(self, capsule_id: str) -> CapsuleView | None:
         return self._views.get(capsule_id)
+
+    def label(self, capsule_id: str) -> str:
+        """What the id column shows for the capsule (its id, or its shortest unique prefix)."""
+        return capsule_id if not self._layout.short_ids else self._short.get(capsule_id, capsule_id)
+
+    def _available_width(self) -> int:
+        """Cells across the table, a vertical scrollbar's width always kept free (so rows
+        overflowing the height do not re-lay the columns)."""
+        width = self.outer_size.width or self.app.size.width
+        return width - self.styles.gutter.width - self.styles.scrollbar_size_vertical
+
+    def _relayout(self, force: bool = False) -> None:
+        short = short_ids(list(self._views))
+        short_width = max((len(v) for v in short.values()), default=ID_MIN)
+        layout = fit(self._available_width(), short_width)
+        if not force and layout == self._layout and (not layout.short_ids or short == self._short):
+            return
+        self._layout, self._short = layout, short
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Columns and rows anew for the current layout, the selection and the sort kept."""
+        selected = self.selected_id
+        self.clear(columns=True)
+        self._versions.clear()
+        self._rendered.clear()
+        self._cells.clear()
+        self._drawn.clear()
+        self._stale.clear()
+        for spec in self._layout.columns:
+            arrow = self.row_sort.arrow if SORT_COLUMNS.get(self.row_sort.mode) == spec.key else ""
+            self.add_column(spec.label(arrow), width=spec.width, key=spec.key)
+        for capsule_id, view in self._views.items():
+            self._add(capsule_id, view)
+        self._apply_sort(selected, force=bool(self._views))
+
+    def _add(self, capsule_id: str, view: CapsuleView) -> None:
+        cells = render_row(view, self._now, self._layout, self.label(capsule_id))
+        keys = self._layout.keys
+        row_key = self.add_row(*(cells[key] for key in keys), key=capsule_id)
+        for key in keys:
+            self._touch(row_key, ColumnKey(key))
+        self._cells[capsule_id] = cells
+        self._drawn[capsule_id] = view
 
     def show(self, views: Sequence[CapsuleView], now: float) -> None:
         """Make the rows match `views`: add and remove rows, re-sort, and update the changed
@@ -311,15 +455,18 @@ class CapsuleTable(DataTable[Cell]):
             del self._drawn[gone]
             self._stale.discard(gone)
         self._now = now
+        added = [capsule_id for capsule_id in wanted if capsule_id not in self._views]
+        self._views.update(wanted)
+        if added or len(wanted) < len(self._short):
+            # the shortest unique prefixes may have changed; a rebuild draws every row anew
+            short = short_ids(list(self._views))
+            if self._layout.short_ids and short != self._short:
+                self._relayout(force=True)
+                return
+            self._short = short
         for capsule_id, view in wanted.items():
-            self._views[capsule_id] = view
             if capsule_id not in self._cells:
-                cells = render_row(view, now)
-                row_key = self.add_row(*(cells[spec.key] for spec in COLUMNS), key=capsule_id)
-                for spec in COLUMNS:
-                    self._touch(row_key, ColumnKey(spec.key))
-                self._cells[capsule_id] = cells
-                self._drawn[capsule_id] = view
+                self._add(capsule_id, view)
             else:
                 self._stale.add(capsule_id)
         self._apply_sort(selected)
@@ -340,10 +487,16 @@ class CapsuleTable(DataTable[Cell]):
     def _update_row(self, capsule_id: str) -> None:
         view = self._views[capsule_id]
         previous = self._cells[capsule_id]
-        cells = render_row(view, self._now, (self._drawn[capsule_id], previous))
-        for key, value in cells.items():
-            if not _same(previous[key], value):
-                self.update_cell(capsule_id, key, value)
+        cells = render_row(
+            view,
+            self._now,
+            self._layout,
+            self.label(capsule_id),
+            (self._drawn[capsule_id], previous),
+        )
+        for key in self._layout.keys:
+            if not _same(previous[key], cells[key]):
+                self.update_cell(capsule_id, key, cells[key])
                 self._touch(RowKey(capsule_id), ColumnKey(key))
         self._cells[capsule_id] = cells
         self._drawn[capsule_id] = view
@@ -353,11 +506,12 @@ class CapsuleTable(DataTable[Cell]):
         self._refresh_visible()
 
     def on_resize(self) -> None:
+        self._relayout()
         self._refresh_visible()
 
     def set_sort(self, sort: Sort) -> None:
         self.row_sort = sort
-        for spec in COLUMNS:
+        for spec in self._layout.columns:
             arrow = sort.arrow if SORT_COLUMNS.get(sort.mode) == spec.key else ""
             self.columns[ColumnKey(spec.key)].label = Text(spec.label(arrow))
         # Sorting even when the order stands is what makes the table redraw its header.
@@ -370,8 +524,9 @@ class CapsuleTable(DataTable[Cell]):
             key=lambda v: (_sort_value(v, mode), v.capsule.created_at, v.capsule.id),
             reverse=descending,
         )
-        order = {view.capsule.id: index for index, view in enumerate(ranked)}
-        current = [str(row.key.value) for row in self.ordered_rows]
+        # DataTable sorts by cell values: the id column holds each row's (unique) label.
+        order = {self.label(view.capsule.id): index for index, view in enumerate(ranked)}
+        current = [self.label(str(row.key.value)) for row in self.ordered_rows]
         if force or current != sorted(current, key=order.__getitem__):
             self.sort("id", key=lambda cell: order[str(cell)])
         if selected is not None and selected in self._views:

@@ -25,6 +25,9 @@ class StatusInfo:
     sort: str = ""
     filter: str = ""
     sampler_stalled: bool = False
+    fits: int | None = None
+    """More capsules of the default size the host's memory has room for."""
+    warnings: tuple[str, ...] = ()
 
 
 class StatusBar(Static):
@@ -42,41 +45,75 @@ class StatusBar(Static):
         if info != self.info:
             self.info = info
             # One line, always: skipping the layout pass keeps a tick from re-laying the screen.
-            self.update(self.render_info(info), layout=False)
+            self.refresh(layout=False)
+
+    def render(self) -> Text:
+        return self.render_info(self.info, self.content_region.width or 200)
+
+    def on_resize(self) -> None:
+        self.refresh(layout=False)
 
     @staticmethod
-    def render_info(info: StatusInfo) -> Text:
-        text = Text()
-        text.append(f"{info.running} running", style="green" if info.running else "dim")
-        text.append(" · ")
-        text.append(f"{info.paused} paused", style="blue" if info.paused else "dim")
-        if info.busy:
-            text.append(" · ")
-            text.append(f"{info.busy} busy", style="yellow")
-        if info.failed:
-            text.append(" · ")
-            text.append(f"{info.failed} error", style="bold red")
-        text.append("   host ")
-        if info.host is None:
-            text.append(fmt.UNKNOWN)
-        else:
-            text.append(f"CPU {fmt.percent(info.host.cpu_pct)}", style="bold")
-            text.append("  mem ")
-            text.append(
-                f"{fmt.size(info.host.mem_used)}/{fmt.size(info.host.mem_total)}", style="bold"
-            )
-        text.append("   sampler ")
-        if info.sampler_stalled:
-            text.append("stalled", style="bold red")
-        else:
-            p99 = fmt.UNKNOWN if info.tick_p99_ms is None else f"{info.tick_p99_ms:.0f} ms"
-            text.append(f"p99 {p99}", style="bold")
-        text.append("   ")
-        accel = (info.accel or "…").upper()
-        text.append(accel, style="bold green" if accel == "KVM" else "bold yellow")
-        text.append("   sort ")
-        text.append(info.sort or "created", style="bold cyan")
-        if info.filter:
-            text.append("   filter ")
-            text.append(f"/{info.filter}", style="bold magenta")
-        return text
+    def render_info(info: StatusInfo, width: int = 200) -> Text:
+        """The parts that fit `width`, whole: the least important give way first (the
+        sampler's p99, then the sort, the accelerator, the filter); the capsule counts and
+        the host's figures always show."""
+        parts = _parts(info)
+        while sum(part.cell_len for _, part in parts) + SEPARATOR_WIDTH * (len(parts) - 1) > width:
+            if len(parts) <= 2:
+                break
+            parts.remove(min(parts[2:], key=lambda item: item[0]))
+        line = Text()
+        for index, (_, part) in enumerate(parts):
+            if index:
+                line.append(SEPARATOR, style="dim")
+            line.append_text(part)
+        line.truncate(width, overflow="ellipsis")
+        return line
+
+
+SEPARATOR = "  "
+SEPARATOR_WIDTH = len(SEPARATOR)
+
+
+def _parts(info: StatusInfo) -> list[tuple[int, Text]]:
+    """(priority, text) in display order; a higher priority stays longer."""
+    counts = Text()
+    counts.append(f"{info.running} running", style="green" if info.running else "dim")
+    counts.append(" · ")
+    counts.append(f"{info.paused} paused", style="blue" if info.paused else "dim")
+    if info.busy:
+        counts.append(" · ")
+        counts.append(f"{info.busy} busy", style="yellow")
+    if info.failed:
+        counts.append(" · ")
+        counts.append(f"{info.failed} error", style="bold red")
+    host = Text("host ")
+    if info.host is None:
+        host.append(fmt.UNKNOWN)
+    else:
+        host.append(f"CPU {fmt.percent(info.host.cpu_pct)}", style="bold")
+        host.append(" mem ")
+        host.append(f"{fmt.size(info.host.mem_used)}/{fmt.size(info.host.mem_total)}", style="bold")
+        if info.fits is not None:
+            host.append(" room ")
+            host.append(f"+{info.fits}", style="bold" if info.fits else "bold red")
+    parts: list[tuple[int, Text]] = [(9, counts), (8, host)]
+    if info.warnings:
+        parts.insert(1, (10, Text("⚠ " + "; ".join(info.warnings), style="bold red")))
+    accel = (info.accel or "…").upper()
+    parts.append((5, Text(accel, style="bold green" if accel == "KVM" else "bold yellow")))
+    sort = Text("sort ")
+    sort.append(info.sort or "created", style="bold cyan")
+    parts.append((3, sort))
+    if info.filter:
+        parts.append((6, Text.assemble("filter ", (f"/{info.filter}", "bold magenta"))))
+    sampler = Text("sampler ")
+    if info.sampler_stalled:
+        sampler.append("stalled", style="bold red")
+        parts.append((7, sampler))
+    else:
+        p99 = fmt.UNKNOWN if info.tick_p99_ms is None else f"{info.tick_p99_ms:.0f} ms"
+        sampler.append(f"p99 {p99}", style="bold")
+        parts.append((1, sampler))
+    return parts

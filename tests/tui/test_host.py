@@ -1,0 +1,113 @@
+"""The host at a glance: the status line's room and warnings, and the host view's figures and
+cleanup, on real files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backend.capsules.manager import CapsuleManager
+from backend.capsules.models import State
+from tests.tui.fakes import FrozenSampler, sample
+from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
+from tui.host import HostTotals, capacity
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.host import HostScreen, disk_rows
+from tui.widgets.status_bar import StatusBar
+
+pytestmark = pytest.mark.timeout(60)
+GIB = 2**30
+MIB = 2**20
+
+
+def test_capacity_from_the_running_capsules_rss() -> None:
+    host = HostTotals(cpu_pct=5, mem_used=4 * GIB, mem_total=16 * GIB, mem_available=12 * GIB)
+    room = capacity(host, [sample("a", 100, 1), sample("b", 100, 1), None], 256)
+    # fakes.sample: host RSS = guest used + 180 MiB
+    assert room.per_capsule == 280 * MIB
+    assert room.capsules_cost == 560 * MIB
+    assert room.fits == (12 * GIB) // (280 * MIB)
+    assert room.warnings == ()
+    empty = capacity(host, [], 256)
+    assert empty.per_capsule == 256 * MIB and "default" in empty.basis
+    full = HostTotals(1, 15 * GIB, 16 * GIB, mem_available=100 * MIB, disk_free=10 * MIB)
+    assert capacity(full, [], 256).warnings == (
+        "no memory for another capsule",
+        "no disk for another snapshot",
+    )
+
+
+async def test_status_line_warns_when_one_more_capsule_would_not_fit(
+    manager: CapsuleManager,
+) -> None:
+    seed_capsule(manager.store, 0, State.RUNNING)
+    full = HostTotals(90, 15 * GIB, 16 * GIB, mem_available=100 * MIB, disk_free=50 * GIB)
+    app = RecordingApp(
+        manager=manager,
+        sampler=FrozenSampler(),
+        accel="tcg",
+        cursor_blink=False,
+        host_probe=lambda: full,
+    )
+    async with app.run_test(size=(80, 24)) as pilot:
+        bar = app.main_screen.query_one(StatusBar)
+        await wait_until(pilot, lambda: bar.info.warnings)
+        assert bar.info.fits == 0
+        line = StatusBar.render_info(bar.info, 78).plain
+        assert "⚠ no memory for another capsule" in line
+        assert len(line) <= 78
+
+
+async def test_host_view_measures_and_frees_only_orphans(manager: CapsuleManager) -> None:
+    running = seed_capsule(manager.store, 0, State.RUNNING)
+    paused = seed_capsule(manager.store, 1, State.PAUSED, generation=1)
+    layout = manager.layout
+    layout.ensure_ram_dir()
+    kept = layout.ram_file(running.id)
+    kept.write_bytes(os.urandom(MIB))
+    orphan = layout.ram_file(paused.id)
+    orphan.write_bytes(os.urandom(2 * MIB))
+    frozen = FrozenSampler()
+    frozen.put(sample(running.id, 100, 5.0))
+    app = RecordingApp(manager=manager, sampler=frozen, accel="tcg", cursor_blink=False)
+    try:
+        await _host_view(app, orphan, kept)
+    finally:
+        shutil.rmtree(layout.ram_dir, ignore_errors=True)  # in the real /dev/shm
+
+
+async def _host_view(app: RecordingApp, orphan: Path, kept: Path) -> None:
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("H")
+        assert isinstance(app.screen, HostScreen)
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.report is not None)
+        report = screen.report
+        assert report is not None and report.usage is not None
+        assert report.running == 1
+        assert report.room.capsules_cost == 280 * MIB  # the running capsule's QEMU RSS
+        assert report.usage.used["guest RAM files"] >= 3 * MIB
+        assert [item.path for item in report.usage.reclaimable] == [orphan]
+        labels = [label for label, _ in disk_rows(report)]
+        assert "can be freed: orphan RAM files" in labels
+        assert app.active_bindings["F"].enabled
+        await pilot.press("F")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.notices_of("information"))
+        assert app.notices_of("information")[-1].startswith("freed 2.0M (1 items)")
+        assert not orphan.exists()
+        assert kept.exists() and kept.stat().st_size == MIB
+        await wait_until(
+            pilot,
+            lambda: (
+                screen.report is not None
+                and screen.report.usage is not None
+                and not screen.report.usage.reclaimable
+            ),
+        )
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HostScreen)
