@@ -60,6 +60,10 @@ class Capsules(Protocol):
         """Returns once envd in the capsule answers."""
         ...
 
+    async def resume_from_disk(self, capsule_id: str) -> Capsule:
+        """Boot a paused capsule on its paused disk (its memory unused); once envd answers."""
+        ...
+
     async def destroy(self, capsule_id: str) -> None: ...
 
     async def update_extra(self, capsule_id: str, key: str, value: dict[str, Any]) -> Capsule:
@@ -154,6 +158,9 @@ class ManagerCapsules:
 
     async def resume(self, capsule_id: str) -> Capsule:
         return await self.manager.resume(capsule_id)
+
+    async def resume_from_disk(self, capsule_id: str) -> Capsule:
+        return await self.manager.resume_from_disk(capsule_id)
 
     async def destroy(self, capsule_id: str) -> None:
         await self.manager.destroy(capsule_id)

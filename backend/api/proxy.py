@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -29,8 +31,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from backend.capsules.errors import CapsuleNotFound
-from backend.capsules.models import State
-from backend.envd.protocol import ENVD_PORT
+from backend.capsules.models import Capsule, State
+from backend.envd.protocol import ENVD_PORT, TOKEN_HEADER
 
 from .capsules import Capsules
 
@@ -106,6 +108,17 @@ def port_closed(sandbox_id: str, port: str) -> JSONResponse:
         },
         status_code=502,
     )
+
+
+def file_signature(fields: list[str], token: str, expiration: int | None) -> str:
+    """E2B's v1 file URL signature: sha256 of `path:operation:user:token[:expiration]`."""
+    raw = ":".join([*fields, token] + ([str(expiration)] if expiration is not None else []))
+    digest = hashlib.sha256(raw.encode()).digest()
+    return "v1_" + base64.b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def signed_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status)
 
 
 CONNECT_STREAM_TYPES = ("application/connect+json", "application/connect+proto")
@@ -197,6 +210,49 @@ class SandboxProxy:
         request = Request(scope, receive)
         response = await self.forward(request)
         await response(scope, receive, send)
+
+    async def signed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A signed file URL (`download_url` / `upload_url`): the URL names no sandbox, the
+        signature does (only the capsule whose token made it verifies it). Forwarded with
+        that token, as a request from the SDK would be."""
+        request = Request(scope, receive)
+        found = self.verify_signature(request)
+        if isinstance(found, Response):
+            await found(scope, receive, send)
+            return
+        headers = [
+            (n, v)
+            for n, v in scope["headers"]
+            if n not in (SANDBOX_ID_HEADER.encode(), TOKEN_HEADER.lower().encode())
+        ]
+        headers += [
+            (SANDBOX_ID_HEADER.encode(), found.id.encode()),
+            (TOKEN_HEADER.lower().encode(), found.access_token.encode()),
+        ]
+        await self(dict(scope, headers=headers), receive, send)
+
+    def verify_signature(self, request: Request) -> Capsule | Response:
+        params = request.query_params
+        operation = {"GET": "read", "POST": "write"}.get(request.method)
+        signature = params.get("signature", "")
+        if operation is None:
+            return signed_error(405, f"{request.method} is not allowed on a signed file URL")
+        expiration: int | None = None
+        raw_expiration = params.get("signature_expiration")
+        if raw_expiration:
+            if not raw_expiration.isascii() or not raw_expiration.lstrip("-").isdigit():
+                return signed_error(400, "signature_expiration must be unix seconds")
+            expiration = int(raw_expiration)
+        fields = [params.get("path", ""), operation, params.get("username", "")]
+        for capsule in self.capsules.list():
+            if capsule.state != State.RUNNING or not capsule.access_token:
+                continue
+            expected = file_signature(fields, capsule.access_token, expiration)
+            if hmac.compare_digest(expected.encode(), signature.encode()):
+                if expiration is not None and expiration < time.time():
+                    return signed_error(401, "signature is already expired")
+                return capsule
+        return signed_error(401, "invalid signature")
 
     async def forward(self, request: Request) -> Response:
         sandbox_id = request.headers.get(SANDBOX_ID_HEADER, "")

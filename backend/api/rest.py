@@ -61,6 +61,8 @@ account; the dashboard's shell and `capsule exec` stay root)."""
 NO_END = "2999-12-31T23:59:59Z"
 """endAt of a capsule no E2B client gave a timeout: it never ends by itself."""
 SETTLE_DEADLINE_S = 120.0
+FROM_DISK = "resumeFromDisk"
+"""In extra["e2b"]: paused without memory; the next resume boots on the paused disk."""
 METRIC_BUCKET_S = 5
 E2B = "e2b"
 
@@ -178,6 +180,8 @@ class Api:
     def __init__(self, capsules: Capsules, api_key: str) -> None:
         self.capsules = capsules
         self.api_key = api_key
+        self.resuming: set[str] = set()
+        """Sandboxes an E2B client is resuming: their old endAt must not end them meanwhile."""
 
     # -- bodies -----------------------------------------------------------------------------
 
@@ -249,16 +253,44 @@ class Api:
         return await self.capsules.update_extra(capsule.id, E2B, info)
 
     async def resume(self, capsule: Capsule, timeout: int | None) -> Capsule:
+        self.resuming.add(capsule.id)
         try:
-            capsule = await self.capsules.resume(capsule.id)
-        except IllegalTransition:
-            capsule = await self.settled(capsule.id)
-            if capsule.state != State.RUNNING:
-                raise
-        seconds = timeout if timeout is not None else e2b_info(capsule).get("timeout")
-        if isinstance(seconds, int):
-            capsule = await self.set_timeout(capsule, seconds, extend_only=False)
-        return capsule
+            try:
+                if e2b_info(capsule).get(FROM_DISK) is True:
+                    capsule = await self.resume_from_disk(capsule)
+                else:
+                    capsule = await self.capsules.resume(capsule.id)
+            except IllegalTransition:
+                capsule = await self.settled(capsule.id)
+                if capsule.state != State.RUNNING:
+                    raise
+            seconds = timeout if timeout is not None else e2b_info(capsule).get("timeout")
+            if isinstance(seconds, int):
+                capsule = await self.set_timeout(capsule, seconds, extend_only=False)
+            return capsule
+        finally:
+            self.resuming.discard(capsule.id)
+
+    async def resume_from_disk(self, capsule: Capsule) -> Capsule:
+        """A filesystem-only pause ends with a boot on the paused disk; the new envd is told
+        the E2B defaults again."""
+        capsule = await self.capsules.resume_from_disk(capsule.id)
+        await self.capsules.init_guest(
+            capsule, {"defaultUser": DEFAULT_USER, "defaultWorkdir": DEFAULT_WORKDIR}
+        )
+        info = {k: v for k, v in e2b_info(capsule).items() if k != FROM_DISK}
+        return await self.capsules.update_extra(capsule.id, E2B, info)
+
+    async def pause_capsule(self, capsule: Capsule, keep_memory: bool) -> None:
+        """Pause; without memory (E2B's filesystem-only pause) the next resume boots on the
+        paused disk instead of restoring the memory."""
+        await self.capsules.pause(capsule.id)
+        info = e2b_info(self.capsules.get(capsule.id))
+        if keep_memory:
+            info.pop(FROM_DISK, None)
+        else:
+            info[FROM_DISK] = True
+        await self.capsules.update_extra(capsule.id, E2B, info)
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -294,6 +326,7 @@ class Api:
             "timeout": seconds,
             "endAt": time.time() + seconds,
             "autoPause": body.get("autoPause") is True,
+            "autoPauseMemory": body.get("autoPauseMemory") is not False,
         }
         capsule = await self.adopt(capsule, info, env_vars)
         self.capsules.note(capsule.id, "e2b", f"created by an E2B client ({template_id})")
@@ -343,11 +376,15 @@ class Api:
         return JSONResponse(self.sandbox(capsule), status_code=201)
 
     async def pause(self, request: Request) -> Response:
+        body = await json_object(request)
+        memory = body.get("memory", True)
+        if not isinstance(memory, bool):
+            raise HttpError(400, "memory must be a boolean")
         capsule = await self.settled(request.path_params["sandbox_id"])
         if capsule.state == State.PAUSED:
             raise HttpError(409, f"sandbox {capsule.id} is already paused")
         try:
-            await self.capsules.pause(capsule.id)
+            await self.pause_capsule(capsule, keep_memory=memory)
         except IllegalTransition as exc:
             raise HttpError(409, str(exc)) from None
         return Response(status_code=204)
@@ -607,6 +644,8 @@ class Api:
         asked for auto-pause, destroy them otherwise (E2B's default)."""
         now = time.time()
         for capsule in self.capsules.list():
+            if capsule.id in self.resuming:
+                continue
             end_at = e2b_info(capsule).get("endAt")
             if capsule.state != State.RUNNING or not isinstance(end_at, int | float):
                 continue
@@ -616,7 +655,8 @@ class Api:
             try:
                 if auto_pause:
                     self.capsules.note(capsule.id, "e2b", "E2B timeout reached: pausing")
-                    await self.capsules.pause(capsule.id)
+                    keep = e2b_info(capsule).get("autoPauseMemory") is not False
+                    await self.pause_capsule(capsule, keep_memory=keep)
                 else:
                     self.capsules.note(capsule.id, "e2b", "E2B timeout reached: destroying")
                     await self.capsules.destroy(capsule.id)

@@ -38,6 +38,15 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     return error(405, f"{request.method} is not allowed on {request.url.path}")
 
 
+def is_signed_file_url(scope: Scope) -> bool:
+    """`download_url` / `upload_url` of a secured sandbox: `/files?...&signature=...` with no
+    sandbox header (E2B puts the sandbox in the host name; one URL here cannot)."""
+    query: bytes = scope.get("query_string", b"")
+    return scope.get("path") == "/files" and any(
+        part.startswith(b"signature=") for part in query.split(b"&")
+    )
+
+
 class AgentApp:
     """The ASGI application: REST routes, the sandbox proxy, and the timeout reaper."""
 
@@ -86,6 +95,9 @@ class AgentApp:
             return
         if scope["type"] in ("http", "websocket") and scope["path"].startswith(WRENN_PREFIX):
             await self.wrenn(scope, receive, send)
+            return
+        if scope["type"] == "http" and is_signed_file_url(scope):
+            await self.proxy.signed(scope, receive, send)
             return
         await self.rest(scope, receive, send)
 

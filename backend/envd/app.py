@@ -135,13 +135,14 @@ class Api:
         if not path:
             raise bad_request("query parameter 'path' is required", "invalid_path")
         download = self.envd.files.open_download(path, self.account(request))
+        headers = {"content-disposition": f"attachment; filename*=UTF-8''{quote(download.name)}"}
+        if download.size:
+            # (a size of 0 may be a /proc file: streamed to its end, chunked)
+            headers["content-length"] = str(download.size)
         return StreamingResponse(
             self.envd.files.stream(download),
             media_type="application/octet-stream",
-            headers={
-                "content-length": str(download.size),
-                "content-disposition": f"attachment; filename*=UTF-8''{quote(download.name)}",
-            },
+            headers=headers,
         )
 
     async def files_post(self, request: Request) -> Response:

@@ -29,6 +29,8 @@ from .users import Account, Accounts, can_access
 log = logging.getLogger("envd.files")
 
 READ_CHUNK = 256 * 1024
+MAX_UNSIZED_READ = 16 << 20
+"""What is read of a file whose size reads as 0 (a /proc or /sys file) before stopping."""
 NEW_FILE_MODE = 0o644
 NEW_DIR_MODE = 0o755
 
@@ -228,7 +230,9 @@ class FileService:
         return Download(file=file, size=os.fstat(fd).st_size, name=real.name, path=virtual)
 
     async def stream(self, download: Download) -> AsyncIterator[bytes]:
-        remaining = download.size
+        # A size of 0 is also what /proc and /sys files report: those are read to their end
+        # (they are small; capped all the same).
+        remaining = download.size or MAX_UNSIZED_READ
         try:
             while remaining > 0:
                 data = await asyncio.to_thread(download.file.read, min(READ_CHUNK, remaining))

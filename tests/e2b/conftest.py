@@ -193,6 +193,10 @@ class HostCapsules:
         self.capsules[capsule_id] = resumed
         return resumed
 
+    async def resume_from_disk(self, capsule_id: str) -> Capsule:
+        # a host envd keeps nothing in memory across a stop anyway
+        return await self.resume(capsule_id)
+
     async def destroy(self, capsule_id: str) -> None:
         self.get(capsule_id)
         envd = self.envds.pop(capsule_id, None)

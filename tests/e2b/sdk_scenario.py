@@ -345,6 +345,63 @@ def kill_during_run() -> dict[str, Any]:
     raise AssertionError("wait() returned for a killed sandbox")
 
 
+def signed_urls() -> dict[str, Any]:
+    """download_url / upload_url of a secured sandbox: URLs that carry their own signature
+    (no API key, no sandbox header) and expire when asked to."""
+    sandbox = Sandbox.create(secure=True)
+    try:
+        sandbox.files.write("signed.txt", "signed content")
+        url = sandbox.download_url("signed.txt", "user")
+        got = httpx.get(url, timeout=30)
+        expiring = httpx.get(
+            sandbox.download_url("signed.txt", "user", use_signature_expiration=120), timeout=30
+        )
+        expired = httpx.get(
+            sandbox.download_url("signed.txt", "user", use_signature_expiration=-120), timeout=30
+        )
+        tampered = httpx.get(url.replace("signed.txt", "other.txt"), timeout=30)
+        upload = httpx.post(
+            sandbox.upload_url("uploaded.txt", "user"),
+            files={"file": ("uploaded.txt", b"via a signed url")},
+            timeout=30,
+        )
+        return {
+            "get": [got.status_code, got.text],
+            "expiring": [expiring.status_code, expiring.text],
+            "expired": [expired.status_code, expired.json()],
+            "tampered": tampered.status_code,
+            "upload": upload.status_code,
+            "uploaded": sandbox.files.read("uploaded.txt"),
+        }
+    finally:
+        sandbox.kill()
+
+
+def pause_filesystem_only() -> dict[str, Any]:
+    """pause(keep_memory=False): the disk is kept, the memory is not; connect() boots."""
+    sandbox = Sandbox.create()
+    try:
+        sandbox.files.write("/home/user/fs-only.txt", "persisted")
+        sandbox.commands.run("sleep 600", background=True, timeout=0)
+        boot_before = sandbox.files.read("/proc/sys/kernel/random/boot_id").strip()
+        paused = sandbox.pause(keep_memory=False)
+        state = Sandbox.get_info(sandbox.sandbox_id).state.value
+        resumed = sandbox.connect()
+        return {
+            "boot_id": boot_before,
+            "paused": paused,
+            "state": state,
+            "same_id": resumed.sandbox_id == sandbox.sandbox_id,
+            "marker": resumed.files.read("/home/user/fs-only.txt"),
+            "boot_changed": resumed.files.read("/proc/sys/kernel/random/boot_id").strip()
+            != boot_before,
+            "sleepers": run(resumed, "pgrep -c -x sleep || true").strip(),
+            "whoami": run(resumed, "whoami").strip(),
+        }
+    finally:
+        sandbox.kill()
+
+
 def main() -> None:
     scenario, *args = sys.argv[1:]
     if scenario == "lifecycle":
@@ -357,6 +414,10 @@ def main() -> None:
         out = connect_run(*args)
     elif scenario == "drive-pty":
         out = drive_pty(*args)
+    elif scenario == "pause-filesystem-only":
+        out = pause_filesystem_only()
+    elif scenario == "signed-urls":
+        out = signed_urls()
     elif scenario == "kill-during-run":
         out = kill_during_run()
     elif scenario == "base-environment":

@@ -500,3 +500,14 @@ def test_file_metadata_is_user_e2b_xattrs(host_envd: HostEnvd) -> None:
         assert refused.status_code == 400, (bad, refused.text)
         assert refused.json()["error"] == "invalid_metadata", refused.text
     assert not (home / "meta" / "refused.txt").exists()
+
+
+def test_list_dir_is_depth_first_by_name(host_envd: HostEnvd) -> None:
+    """E2B's envd walks as Go's filepath.WalkDir: a directory, then what is in it."""
+    home = host_envd.root / Path(os.path.expanduser("~")).relative_to("/")
+    for rel in ("top/a/x", "top/a/y", "top/b"):
+        (home / rel).mkdir(parents=True)
+    (home / "top" / "c.txt").write_text("c")
+    listed = unary(host_envd, "filesystem.Filesystem/ListDir", {"path": "top", "depth": 2})
+    names = [e["path"].split("/top/", 1)[1] for e in listed.json()["entries"]]
+    assert names == ["a", "a/x", "a/y", "b", "c.txt"]

@@ -235,3 +235,14 @@ def test_a_command_whose_sandbox_is_killed_ends_as_on_e2b(
     out = run_sdk(sdk_python, host_api.key, host_api.url, "kill-during-run")
     assert out["error"] == "SandboxNotRunningException", out
     assert "killed or reached its end of life" in out["message"], out
+
+
+def test_signed_file_urls(host_api: ServerThread, sdk_python: Path) -> None:
+    """A signed URL names no sandbox: the capsule whose token verifies the signature serves
+    it; an expired signature is E2B's 401, a signature for another path a 401."""
+    out = run_sdk(sdk_python, host_api.key, host_api.url, "signed-urls")
+    assert out["get"] == [200, "signed content"]
+    assert out["expiring"] == [200, "signed content"]
+    assert out["expired"] == [401, {"code": 401, "message": "signature is already expired"}]
+    assert out["tampered"] == 401
+    assert out["upload"] == 200 and out["uploaded"] == "via a signed url"

@@ -165,3 +165,17 @@ async def _templates(paths: Paths) -> list[Template]:
         return manager.list_templates()
     finally:
         await manager.close()
+
+
+def test_filesystem_only_pause_boots_on_the_paused_disk(
+    vm_api: ServerThread, sdk_python: Path
+) -> None:
+    """E2B's `pause(keep_memory=False)`: resumed by a boot on the paused disk (files there,
+    processes gone, a new boot id), still as the E2B user."""
+    out = run_sdk(sdk_python, vm_api.key, vm_api.url, "pause-filesystem-only", timeout=600)
+    assert out["paused"] is True and out["state"] == "paused" and out["same_id"]
+    assert out["marker"] == "persisted"
+    assert len(out["boot_id"]) == 36, out  # a /proc file (size 0) is read to its end
+    assert out["boot_changed"] is True, out
+    assert out["sleepers"] == "0"
+    assert out["whoami"] == "user"

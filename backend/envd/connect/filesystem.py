@@ -19,7 +19,7 @@ import secrets
 import shutil
 import stat
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -231,24 +231,29 @@ class FilesystemService:
                 os.stat(top)
                 raise invalid(f"{virtual!r} is not a directory")
             self._require(account, top, os.R_OK | os.X_OK, virtual)
+            # Depth first, each directory's entries by name (Go's filepath.WalkDir, as E2B's
+            # envd lists): a directory is followed by what is in it.
             entries: list[Json] = []
-            pending: deque[tuple[Path, str, int]] = deque([(top, virtual, 1)])
-            while pending:
-                real_dir, virtual_dir, level = pending.popleft()
-                try:
-                    children = sorted(os.scandir(real_dir), key=lambda e: e.name)
-                except OSError:
-                    if real_dir == top:
-                        raise
+            stack: list[tuple[Iterator[os.DirEntry[str]], str, int]] = [
+                (iter(sorted(os.scandir(top), key=lambda e: e.name)), virtual, 1)
+            ]
+            while stack:
+                children, virtual_dir, level = stack[-1]
+                child = next(children, None)
+                if child is None:
+                    stack.pop()
                     continue
-                for child in children:
-                    child_virtual = f"{virtual_dir.rstrip('/')}/{child.name}"
+                child_virtual = f"{virtual_dir.rstrip('/')}/{child.name}"
+                try:
+                    entries.append(self.entry(child_virtual, Path(child.path)))
+                except FileNotFoundError:
+                    continue
+                if level < depth and child.is_dir(follow_symlinks=False):
                     try:
-                        entries.append(self.entry(child_virtual, Path(child.path)))
-                    except FileNotFoundError:
+                        below = sorted(os.scandir(child.path), key=lambda e: e.name)
+                    except OSError:
                         continue
-                    if level < depth and child.is_dir(follow_symlinks=False):
-                        pending.append((Path(child.path), child_virtual, level + 1))
+                    stack.append((iter(below), child_virtual, level + 1))
             return entries
 
         return {"entries": await self._run(walk, virtual)}
