@@ -14,6 +14,11 @@ from typing import Any, Protocol, Self
 from backend.capsules.envd_client import EnvdClient, ExecResult
 from backend.capsules.models import Capsule
 
+BOOT_DEADLINE_S = 180.0
+"""How long a booted (not restored) guest's envd may take to answer."""
+RESUME_DEADLINE_S = 60.0
+"""How long a restored guest's envd may take to answer."""
+
 
 class Envd(Protocol):
     async def __aenter__(self) -> Self: ...

@@ -37,7 +37,15 @@ from backend.capsules.actions import Action, require
 from backend.capsules.disks import make_overlay
 from backend.capsules.envd_client import EnvdError, ExecResult
 from backend.capsules.errors import CapsuleError, CapsuleNotFound, SnapshotCorrupt
-from backend.capsules.guest import Envd, EnvdFactory, init_body, metadata_json, real_envd
+from backend.capsules.guest import (
+    BOOT_DEADLINE_S,
+    RESUME_DEADLINE_S,
+    Envd,
+    EnvdFactory,
+    init_body,
+    metadata_json,
+    real_envd,
+)
 from backend.capsules.layout import CapsuleLayout
 from backend.capsules.locks import CapsuleLocks
 from backend.capsules.models import Capsule, Event, Snapshot, State, new_capsule_id
@@ -56,8 +64,6 @@ from backend.runtime.base import VM, BalloonStats, Runtime, VMConfig, VMMError
 from backend.runtime.ports import free_port
 from backend.runtime.qemu import QemuRuntime
 
-BOOT_DEADLINE_S = 180.0
-RESUME_DEADLINE_S = 60.0
 DEFAULT_MEMORY_MIB = 256
 DEFAULT_TEMPLATE = "default"
 CAPSULE_ID_RULE = re.compile(r"cl-[0-9a-z]{12}")
@@ -542,56 +548,9 @@ class CapsuleManager:
         return await pausing.resume(self, capsule_id)
 
     async def resume_from_disk(self, capsule_id: str) -> Capsule:
-        """Resume a paused capsule by booting its kernel on the disk of its latest snapshot,
-        leaving the snapshot's memory unused (E2B's filesystem-only pause): its files are
-        there, its processes are not. Any failure leaves it paused."""
-        async with self.locks.hold(capsule_id):
-            capsule = self.get(capsule_id)
-            require(capsule, Action.RESUME)
-            snapshot = SnapshotManifest.load(self.layout.generation(capsule.id, capsule.generation))
-            if snapshot is None:
-                raise CapsuleError(
-                    f"snapshot generation {capsule.generation} of {capsule_id} is missing"
-                )
-            if capsule.network == "none" and not port_is_free(capsule.host_port):
-                capsule = capsule.with_(host_port=free_port())
-            started = time.monotonic()
-            capsule = self.save(capsule.with_(state=State.RESUMING))
-            what = f"the disk of generation {snapshot.directory.name}"
-            try:
-                self.layout.run_dir(capsule.id).mkdir(parents=True, exist_ok=True, mode=0o700)
-                self.layout.ensure_ram_dir()
-                await self.networks.ensure(capsule)
-                self._write_metadata(capsule)
-                config = self.vm_config(capsule)
-                await snapshots.place_disk(snapshot, config.disk, DiskFrom(), what)
-                await asyncio.to_thread(
-                    sparse.create_holes, config.ram_file, capsule.memory_mib << 20
-                )
-                vm = await self.runtime(Path(capsule.image_dir)).create(config)
-                capsule = self._started(capsule, vm)
-                async with self.envd(capsule) as envd:
-                    await envd.wait_healthy(BOOT_DEADLINE_S, vm.alive)
-                    await envd.init(**init_body(capsule))
-            except BaseException as exc:
-                await self._kill(capsule)
-                self.layout.cleanup_run_files(capsule.id)
-                reason = f"resume from disk failed: {exc}; the capsule stays paused"
-                self.event(capsule_id, "error", reason)
-                self.save(capsule.with_(state=State.PAUSED, pid=None, reason=reason))
-                if isinstance(exc, Exception):
-                    raise CapsuleError(reason) from exc
-                raise
-            resume_s = time.monotonic() - started
-            self.event(capsule_id, "running", f"booted on {what} in {resume_s:.2f} s")
-            return self.save(
-                capsule.with_(
-                    state=State.RUNNING,
-                    started_at=time.time(),
-                    reason="",
-                    last_activity=time.time(),
-                )
-            )
+        """Resume a paused capsule by booting its kernel on its latest snapshot's disk (E2B's
+        filesystem-only pause): its files are there, its processes are not."""
+        return await pausing.resume_from_disk(self, capsule_id)
 
     # -- templates and fork (backend/capsules/copying.py) ----------------------------------
 

@@ -8,15 +8,18 @@ the capsule paused on the same generation, and a forward port taken meanwhile is
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backend import sparse
 from backend.capsules import snapshots
 from backend.capsules.actions import Action, require
 from backend.capsules.errors import CapsuleError, SnapshotCorrupt
+from backend.capsules.guest import BOOT_DEADLINE_S, init_body
 from backend.capsules.models import Capsule, Snapshot, State
 from backend.capsules.snapshots import CaptureSpec, DiskFrom, SnapshotManifest
 from backend.runtime.base import VM
@@ -171,11 +174,7 @@ async def resume(m: CapsuleManager, capsule_id: str) -> Capsule:
             raise CapsuleError(
                 f"snapshot generation {capsule.generation} of {capsule_id} is missing"
             )
-        if capsule.network == "none" and not port_is_free(capsule.host_port):
-            # another program took the forward's port while the capsule was paused
-            old = capsule.host_port
-            capsule = capsule.with_(host_port=free_port())
-            m.event(capsule.id, "port", f"port {old} is taken; envd now on {capsule.host_port}")
+        capsule = _forward_port(m, capsule)
         started = time.monotonic()
         capsule = m.save(
             capsule.with_(
@@ -214,5 +213,66 @@ async def resume(m: CapsuleManager, capsule_id: str) -> Capsule:
                 reason="",
                 last_activity=time.time(),
                 extra={**extra, "resume_timings": timings, "resume_s": resume_s},
+            )
+        )
+
+
+def _forward_port(m: CapsuleManager, capsule: Capsule) -> Capsule:
+    """A new port for envd's forward when another program took it while the capsule was
+    paused (an internet capsule's forward is on its own namespace's address)."""
+    if capsule.network != "none" or port_is_free(capsule.host_port):
+        return capsule
+    old = capsule.host_port
+    capsule = capsule.with_(host_port=free_port())
+    m.event(capsule.id, "port", f"port {old} is taken; envd now on {capsule.host_port}")
+    return capsule
+
+
+async def resume_from_disk(m: CapsuleManager, capsule_id: str) -> Capsule:
+    """Resume a paused capsule by booting its kernel on the disk of its latest snapshot,
+    leaving the snapshot's memory unused (E2B's filesystem-only pause): its files are
+    there, its processes are not. Any failure leaves it paused."""
+    async with m.locks.hold(capsule_id):
+        capsule = m.get(capsule_id)
+        require(capsule, Action.RESUME)
+        snapshot = SnapshotManifest.load(m.layout.generation(capsule.id, capsule.generation))
+        if snapshot is None:
+            raise CapsuleError(
+                f"snapshot generation {capsule.generation} of {capsule_id} is missing"
+            )
+        capsule = _forward_port(m, capsule)
+        started = time.monotonic()
+        capsule = m.save(capsule.with_(state=State.RESUMING))
+        what = f"the disk of generation {snapshot.directory.name}"
+        try:
+            m.layout.run_dir(capsule.id).mkdir(parents=True, exist_ok=True, mode=0o700)
+            m.layout.ensure_ram_dir()
+            await m.networks.ensure(capsule)
+            m._write_metadata(capsule)
+            config = m.vm_config(capsule)
+            await snapshots.place_disk(snapshot, config.disk, DiskFrom(), what)
+            await asyncio.to_thread(sparse.create_holes, config.ram_file, capsule.memory_mib << 20)
+            vm = await m.runtime(Path(capsule.image_dir)).create(config)
+            capsule = m._started(capsule, vm)
+            async with m.envd(capsule) as envd:
+                await envd.wait_healthy(BOOT_DEADLINE_S, vm.alive)
+                await envd.init(**init_body(capsule))
+        except BaseException as exc:
+            await m._kill(capsule)
+            m.layout.cleanup_run_files(capsule.id)
+            reason = f"resume from disk failed: {exc}; the capsule stays paused"
+            m.event(capsule_id, "error", reason)
+            m.save(capsule.with_(state=State.PAUSED, pid=None, reason=reason))
+            if isinstance(exc, Exception):
+                raise CapsuleError(reason) from exc
+            raise
+        resume_s = time.monotonic() - started
+        m.event(capsule_id, "running", f"booted on {what} in {resume_s:.2f} s")
+        return m.save(
+            capsule.with_(
+                state=State.RUNNING,
+                started_at=time.time(),
+                reason="",
+                last_activity=time.time(),
             )
         )
