@@ -142,6 +142,13 @@ async def test_freeing_space_beside_a_paused_and_a_running_capsule(tui_paths: Pa
             ]
             past = time.time() - 3600  # a work dir with no lock, left a while ago
             os.utime(layout.work / "fork-dead", (past, past))
+            # the host view's cost figure is the sampler's: wait for its first sample of the
+            # running capsule (created a moment ago)
+            await wait_until(
+                pilot,
+                lambda: bool((s := app.sampler.latest(running.id)) and s.host_rss),
+                timeout=30,
+            )
             await pilot.press("H")
             screen = app.screen
             assert isinstance(screen, HostScreen)
