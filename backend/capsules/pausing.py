@@ -169,11 +169,7 @@ async def resume(m: CapsuleManager, capsule_id: str) -> Capsule:
     async with m.locks.hold(capsule_id):
         capsule = m.get(capsule_id)
         require(capsule, Action.RESUME)
-        snapshot = SnapshotManifest.load(m.layout.generation(capsule.id, capsule.generation))
-        if snapshot is None:
-            raise CapsuleError(
-                f"snapshot generation {capsule.generation} of {capsule_id} is missing"
-            )
+        snapshot = latest_generation(m, capsule)
         capsule = _forward_port(m, capsule)
         started = time.monotonic()
         capsule = m.save(
@@ -217,6 +213,14 @@ async def resume(m: CapsuleManager, capsule_id: str) -> Capsule:
         )
 
 
+def latest_generation(m: CapsuleManager, capsule: Capsule) -> SnapshotManifest:
+    """The paused capsule's latest snapshot generation (a clear error when it is gone)."""
+    snapshot = SnapshotManifest.load(m.layout.generation(capsule.id, capsule.generation))
+    if snapshot is None:
+        raise CapsuleError(f"snapshot generation {capsule.generation} of {capsule.id} is missing")
+    return snapshot
+
+
 def _forward_port(m: CapsuleManager, capsule: Capsule) -> Capsule:
     """A new port for envd's forward when another program took it while the capsule was
     paused (an internet capsule's forward is on its own namespace's address)."""
@@ -235,11 +239,7 @@ async def resume_from_disk(m: CapsuleManager, capsule_id: str) -> Capsule:
     async with m.locks.hold(capsule_id):
         capsule = m.get(capsule_id)
         require(capsule, Action.RESUME)
-        snapshot = SnapshotManifest.load(m.layout.generation(capsule.id, capsule.generation))
-        if snapshot is None:
-            raise CapsuleError(
-                f"snapshot generation {capsule.generation} of {capsule_id} is missing"
-            )
+        snapshot = latest_generation(m, capsule)
         capsule = _forward_port(m, capsule)
         started = time.monotonic()
         capsule = m.save(capsule.with_(state=State.RESUMING))
