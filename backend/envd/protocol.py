@@ -25,6 +25,15 @@ INIT_PATH: Final = "/init"
 METRICS_PATH: Final = "/metrics"
 PTY_PATH: Final = "/pty"
 
+METADATA_FW_CFG_NAME: Final = "opt/wrenn/metadata"
+"""The capsule's metadata document reaches the guest as this QEMU fw_cfg file: read-only,
+no network, no host process per read; the guest's `qemu_fw_cfg` driver shows it at
+METADATA_GUEST_PATH (root-only, so the first access token stays away from the guest's users)."""
+METADATA_GUEST_PATH: Final = f"/sys/firmware/qemu_fw_cfg/by_name/{METADATA_FW_CFG_NAME}/raw"
+METADATA_FW_CFG_SIZE: Final = 4096
+"""Every metadata blob has this size, the JSON padded with spaces: the guest's driver reads the
+file list once at boot, so a restored or cloned guest keeps the size its template booted with."""
+
 # -- what the host reads from a guest (the guest is not trusted: every body is capped) ----------
 
 MAX_SMALL_BODY: Final = 1 << 20

@@ -57,11 +57,11 @@ class VMConfig:
     host_port: int
     """Port forwarded to envd inside the guest (on `forward_host`)."""
     metadata_json: str
-    """Served to the guest at the metadata address (see backend/runtime/qemu.py)."""
+    """Given to the guest as its metadata document (see backend/runtime/qemu.py)."""
     accel: str = "tcg"
     guest_port: int = ENVD_PORT
     network: str = "none"
-    """"none": the guest reaches nothing but its port forward and the metadata address;
+    """"none": the guest reaches nothing; the host reaches envd through its port forward;
     "internet": outbound NAT, never to the host's own addresses (backend/runtime/network.py)."""
     netns: str | None = None
     """Network namespace the VMM runs in (internet mode)."""

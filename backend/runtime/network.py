@@ -5,7 +5,7 @@ loopback of whatever network namespace QEMU runs in. In the host's namespace tha
 every local service (the agent's API, other capsules' envd forwards), so:
 
 none      (default) `restrict=on`: slirp routes no guest packet anywhere. The host's 127.0.0.1
-          port forward to envd and the metadata address (a `guestfwd` command) still work.
+          port forward to envd still works (metadata is a fw_cfg file, not an address).
           Needs nothing.
 internet  QEMU runs in its own network namespace `wn-<scope>-<id>`, linked to the host by a
           veth pair (`wh<scope><id>` 10.201.a.b/30 on the host, `wc<scope><id>` = +1 inside),

@@ -6,12 +6,12 @@ a balloon with deflate-on-oom and free-page reporting, virtio-rng (without it Py
 entropy at boot), serial console to a file. Guest RAM is a shared file under /dev/shm: pausing
 saves only the device state (`x-ignore-shared`) and copies that file.
 
-Metadata channel: the guest opens TCP 10.0.2.100:80 and reads one JSON document until EOF.
-QEMU's `guestfwd` runs `printenv WRENN_METADATA` for each such connection, the document being
-in QEMU's environment (it holds envd's first access token: /proc/<pid>/environ is readable by
-the process's owner only, unlike its command line); it needs no agent and no file access,
-also once QEMU has dropped to its own user. Metadata is fixed per QEMU process; every resume
-starts a new one with fresh metadata.
+Metadata channel: a QEMU fw_cfg file (backend/envd/protocol.py: METADATA_FW_CFG_NAME), the
+JSON document padded to a fixed size, written 0600 in the capsule's private run dir and read by
+QEMU at start (before it drops to its own user). The guest's `qemu_fw_cfg` driver shows it as a
+root-only sysfs file that envd polls: no network address, and no host process per read (the
+former `guestfwd` command spawned one per guest connection). Metadata is fixed per QEMU
+process; every resume starts a new one with fresh metadata.
 
 Device state is migrated through file descriptors the agent opens and passes over QMP
 (`getfd`), never through `exec:` commands, so a QEMU that dropped privileges (`-runas`) can
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
+from backend.envd.protocol import METADATA_FW_CFG_NAME, METADATA_FW_CFG_SIZE
 from backend.runtime.accel import QEMU_BINARY
 from backend.runtime.base import (
     BalloonStats,
@@ -43,8 +44,6 @@ from backend.runtime.base import (
     VMMGone,
 )
 
-METADATA_ADDRESS = "10.0.2.100"
-METADATA_PORT = 80
 QMP_CONNECT_TIMEOUT_S = 10.0
 BALLOON_POLL_INTERVAL_S = 5
 MIGRATION_BANDWIDTH = 16 << 30
@@ -79,13 +78,9 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "8250.nr_uarts=1",
         *c.extra_append,
     ]
-    # slirp parses the command like a shell (quotes, no pipes) and runs it without one;
-    # QEMU's option parser needs commas doubled
-    metadata_cmd = f"printenv {METADATA_ENV}"
     netdev = (
         f"user,id=n0,restrict={'on' if c.network == 'none' else 'off'},"
-        f"hostfwd=tcp:{c.forward_host}:{c.host_port}-:{c.guest_port},"
-        f"guestfwd=tcp:{METADATA_ADDRESS}:{METADATA_PORT}-cmd:{metadata_cmd}"
+        f"hostfwd=tcp:{c.forward_host}:{c.host_port}-:{c.guest_port}"
     )
     argv = [
         QEMU_BINARY,
@@ -135,15 +130,18 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "file,id=console0,append=on,path=" + str(c.console_log).replace(",", ",,"),
         "-serial",
         "chardev:console0",
+        "-fw_cfg",
+        f"name={METADATA_FW_CFG_NAME},file=" + str(metadata_blob(c)).replace(",", ",,"),
         "-name",
         f"wrenn-{c.capsule_id},process=wrenn-{c.capsule_id}",
     ]
-    # seccomp: no obsolete system calls, no new privileges beyond what it starts with
-    argv += ["-sandbox", "on,obsolete=deny"]
+    # seccomp: no obsolete system calls, and QEMU never starts a process (nothing it does
+    # needs one since the metadata is a fw_cfg file)
+    argv += ["-sandbox", "on,obsolete=deny,spawn=deny"]
     user = qemu_user()
     if user is not None:
         # QEMU opens its files, sockets and devices as the agent, then drops to this user
-        # before the guest runs (what it later spawns, the metadata `cat`, runs as it too).
+        # before the guest runs.
         argv += ["-runas", user.pw_name]
     if incoming:
         argv += ["-incoming", "defer"]
@@ -401,8 +399,6 @@ def _vmm_log_tail(config: VMConfig) -> str:
         return ""
 
 
-METADATA_ENV = "WRENN_METADATA"
-"""The environment variable holding the guest's metadata document in QEMU's environment."""
 QEMU_USER = "wrenn-qemu"
 """The unprivileged account QEMU runs as when the agent is root (scripts/setup.sh makes it)."""
 
@@ -418,10 +414,27 @@ def qemu_user() -> pwd.struct_passwd | None:
         return None
 
 
-def qemu_env(config: VMConfig) -> dict[str, str]:
-    """QEMU's environment: the agent's, plus the guest's metadata document (compact JSON)."""
-    compact = json.dumps(json.loads(config.metadata_json), separators=(",", ":"))
-    return {**os.environ, METADATA_ENV: compact}
+def metadata_blob(config: VMConfig) -> Path:
+    return config.run_dir / "metadata.fwcfg"
+
+
+def write_metadata_blob(config: VMConfig) -> None:
+    """The guest's metadata document as its fw_cfg file: compact JSON padded with spaces to
+    METADATA_FW_CFG_SIZE, 0600 (it holds the first access token), replaced atomically."""
+    compact = json.dumps(json.loads(config.metadata_json), separators=(",", ":")).encode()
+    if len(compact) >= METADATA_FW_CFG_SIZE:
+        raise VMMError(
+            f"metadata document is {len(compact)} bytes; the limit is {METADATA_FW_CFG_SIZE - 1}"
+        )
+    path = metadata_blob(config)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, compact.ljust(METADATA_FW_CFG_SIZE - 1) + b"\n")
+    finally:
+        os.close(fd)
+    tmp.rename(path)
 
 
 class QemuRuntime:
@@ -435,11 +448,11 @@ class QemuRuntime:
     def _spawn(self, config: VMConfig, incoming: bool) -> subprocess.Popen[bytes]:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         config.qmp_socket.unlink(missing_ok=True)
+        write_metadata_blob(config)
         log = config.vmm_log.open("ab")
         try:
             proc = subprocess.Popen(
                 build_argv(config, incoming),
-                env=qemu_env(config),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backend.capsules.manager import CapsuleManager
+from backend.envd import protocol as wire
 from backend.runtime.qemu import QEMU_USER
 from tests.integration.conftest import manager
 
@@ -18,10 +19,7 @@ __all__ = ["manager"]
 
 pytestmark = pytest.mark.vm
 
-READ_METADATA = (
-    'python3 -c "import socket; s = socket.create_connection('
-    "('10.0.2.100', 80), 5); print(s.makefile().read())\""
-)
+READ_METADATA = f"cat {wire.METADATA_GUEST_PATH}"
 
 
 def status(pid: int) -> dict[str, str]:
