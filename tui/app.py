@@ -166,12 +166,12 @@ class WrennApp(App[None]):
             if self._owns_manager:
                 await self.backend.close()
 
-    def _capsule_changed(self, _capsule: Capsule) -> None:
-        self.capsules_changed()
+    def _capsule_changed(self, capsule: Capsule) -> None:
+        self.main_screen.post_message(msg.CapsuleChanged(capsule))
 
     def capsules_changed(self) -> None:
-        """Redraw the table now rather than at the next tick."""
-        self.main_screen.capsules_changed()
+        """Have the main screen read the capsule list again now rather than at the next tick."""
+        self.main_screen.post_message(msg.CapsulesStale())
 
     def report_failure(self, what: str, exc: BaseException) -> None:
         if isinstance(exc, CapsuleError):
@@ -539,12 +539,12 @@ class WrennApp(App[None]):
     def _operation(self, capsule_id: str, name: str) -> Iterator[None]:
         """Marks the capsule busy in the table (and its keys disabled) while `name` runs."""
         self.operations[capsule_id] = name
-        self.capsules_changed()
+        self.main_screen.post_message(msg.OperationChanged(capsule_id, name))
         try:
             yield
         finally:
             self.operations.pop(capsule_id, None)
-            self.capsules_changed()
+            self.main_screen.post_message(msg.OperationChanged(capsule_id, None))
 
     # -- quitting ---------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class CapsuleCommands(Provider):
             yield ("Filter capsules", "by id, state or template (/)", main.action_filter)
         for capsule in app.backend.list_capsules():
             cid, state = capsule.id, capsule.state
-            if cid in app.operations:
+            if main is not None and cid in main.operations:
                 continue
             for action, name, help_text, request in PER_CAPSULE:
                 if allowed(state, action):

@@ -18,5 +18,3 @@ class Dashboard(Protocol):
     host_probe: HostReader
     accel: str | None
     cursor_blink: bool
-    operations: dict[str, str]
-    """Capsule id -> the operation the dashboard has in flight on it ("pausing", ...)."""

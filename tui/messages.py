@@ -1,9 +1,43 @@
-"""What the screens ask of the app: they post these and the app runs the operation in a worker
-(screens never call the app's methods, and the app is the only owner of workers)."""
+"""Messages between the app and its screens, both ways.
+
+Up: what the screens ask of the app; they post these and the app runs the operation in a worker
+(screens never call the app's methods, and the app is the only owner of workers).
+Down: what the app tells the main screen, as data (the app never calls the screen's methods).
+"""
 
 from __future__ import annotations
 
 from textual.message import Message
+
+from backend.capsules.models import Capsule
+
+# -- down: app -> main screen -------------------------------------------------------------------
+
+
+class CapsuleChanged(Message):
+    """The backend recorded this capsule (the manager's listener hands over the record)."""
+
+    def __init__(self, capsule: Capsule) -> None:
+        super().__init__()
+        self.capsule = capsule
+
+
+class CapsulesStale(Message):
+    """Something changed that no single record says (a destroy, a re-adoption, the
+    accelerator became known): read the list again."""
+
+
+class OperationChanged(Message):
+    """The dashboard started (`operation` "pausing", ...) or finished (None) an operation on
+    a capsule; its row shows it and its keys are off meanwhile."""
+
+    def __init__(self, capsule_id: str, operation: str | None) -> None:
+        super().__init__()
+        self.capsule_id = capsule_id
+        self.operation = operation
+
+
+# -- up: screens -> app -------------------------------------------------------------------------
 
 
 class CapsuleRequest(Message):

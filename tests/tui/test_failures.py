@@ -40,7 +40,7 @@ async def test_a_failing_pause_shows_the_reason_and_the_row_matches_the_store(
         await app.workers.wait_for_complete()
         errors = app.notices_of("error")
         assert errors == [f"cannot pause {capsule.id}: its QEMU is not running"]
-        await wait_until(pilot, lambda: capsule.id not in app.operations)
+        await wait_until(pilot, lambda: capsule.id not in app.main_screen.operations)
         await pilot.pause()
         stored = manager.get(capsule.id)
         assert state_cell(app, capsule.id) == stored.state.value == "running"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from textual.widgets import DataTable, Label, RadioSet
 
 from backend.capsules.manager import CapsuleManager
-from backend.capsules.models import State
+from backend.capsules.models import Capsule, State
 from tests.tui.fakes import FrozenSampler
 from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
 from tui.commands import CapsuleCommands
@@ -179,3 +180,37 @@ async def test_create_form_defaults_to_an_isolated_capsule(manager: CapsuleManag
         await pilot.press("enter")
         await pilot.pause()
     assert answers == [CreateRequest(memory_mib=256, vcpus=1, network="none")]
+
+
+async def test_state_comes_down_as_data(manager: CapsuleManager) -> None:
+    """Issue 15 goal 3: a record the manager saves reaches its row through the app's message,
+    without the screen reading the store; the operations the app has in flight are the
+    screen's own copy, sent down, and turn the row's keys off."""
+    from tui import messages as msg
+
+    capsule = seed_capsule(manager.store, 0, State.RUNNING)
+    app = app_for(manager)
+    async with app.run_test(size=(200, 30)) as pilot:
+        screen = app.main_screen
+        screen.last_tick_at = time.monotonic() + 600  # no stalled-sampler re-read meanwhile
+        reads: list[int] = []
+        real_list = app.backend.list_capsules
+
+        def counting_list() -> list[Capsule]:
+            reads.append(1)
+            return real_list()
+
+        app.backend.list_capsules = counting_list  # type: ignore[method-assign]
+        manager.save(manager.get(capsule.id).with_(state=State.PAUSED, generation=1))
+        await wait_until(pilot, lambda: screen.capsules[0].state == State.PAUSED)
+        await pilot.pause()
+        assert reads == []
+        assert enabled(app)["r"] and not enabled(app)["p"]
+
+        app.main_screen.post_message(msg.OperationChanged(capsule.id, "resuming"))
+        await wait_until(pilot, lambda: screen.operations == {capsule.id: "resuming"})
+        await pilot.pause()
+        assert not enabled(app)["r"]
+        app.main_screen.post_message(msg.OperationChanged(capsule.id, None))
+        await wait_until(pilot, lambda: screen.operations == {})
+        await wait_until(pilot, lambda: enabled(app)["r"])

@@ -87,6 +87,7 @@ async def test_bad_template_names_and_fork_counts_are_refused_clearly(
         assert [t.name for t in manager.list_templates() if not t.builtin] == []
         assert manager.get(running.id).state == State.RUNNING
         assert running.id not in app.operations
+        assert running.id not in app.main_screen.operations
 
         await pilot.press("f")
         assert isinstance(app.screen, PromptScreen)

@@ -2,8 +2,13 @@
 
 Data flow: the sampler calls back once a second; the callback only queues the tick and posts a
 message, so the sampler's own clock never waits on drawing. A UI that falls behind still feeds
-every tick's samples to the sparklines but draws once. The handler re-reads the capsule list (the
-CLI changes the database too), gathers each row's numbers and hands them to the table.
+every tick's samples to the sparklines but draws once. The handler reads the capsule list (the
+CLI changes the database too; the store answers from memory unless the database moved), gathers
+each row's numbers and hands them to the table.
+
+State comes down from the app as messages (tui/messages.py): a capsule record the manager just
+saved replaces its row at once without reading the store, and the operations the app has in
+flight (`OperationChanged`) are this screen's own copy, not a read of the app's.
 """
 
 from __future__ import annotations
@@ -69,8 +74,8 @@ class MainScreen(Screen[None]):
     class Ticked(Message):
         """The sampler produced ticks (waiting in `MainScreen.pending_ticks`)."""
 
-    class CapsulesChanged(Message):
-        """A capsule changed outside a tick (an operation of this dashboard)."""
+    class Redraw(Message):
+        """Draw the rows again soon (several changes in a row draw once)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,7 +89,13 @@ class MainScreen(Screen[None]):
         self._snapshot_sizes: dict[tuple[str, int], int | None] = {}
         self._binding_state: tuple[object, ...] = ()
         self._last_error = ""
-        self._change_pending = False
+        self._redraw_pending = False
+        self._reread = False
+        self.capsules: list[Capsule] = []
+        """What the rows show, in the store's order: read from the store, patched in place by
+        the records the app passes down."""
+        self.operations: dict[str, str] = {}
+        """Capsule id -> the operation the app has in flight on it (from OperationChanged)."""
         self._unsubscribe: Callable[[], None] | None = None
 
     @property
@@ -139,23 +150,49 @@ class MainScreen(Screen[None]):
         self.last_tick_at = time.monotonic()
         self.refresh_rows()
 
-    def capsules_changed(self) -> None:
-        """Redraw soon; a burst of state changes (create saves several) draws once."""
-        if not self._change_pending:
-            self._change_pending = True
-            self.post_message(self.CapsulesChanged())
+    def on_capsule_changed(self, message: msg.CapsuleChanged) -> None:
+        capsule = message.capsule
+        for i, known in enumerate(self.capsules):
+            if known.id == capsule.id:
+                self.capsules[i] = capsule
+                break
+        else:
+            self._reread = True  # a new one: its place in the list is the store's
+        self._redraw_soon()
 
-    def on_main_screen_capsules_changed(self, _: CapsulesChanged) -> None:
-        self._change_pending = False
-        self.refresh_rows()
+    def on_capsules_stale(self, _: msg.CapsulesStale) -> None:
+        self._reread = True
+        self._redraw_soon()
+
+    def on_operation_changed(self, message: msg.OperationChanged) -> None:
+        if message.operation is None:
+            self.operations.pop(message.capsule_id, None)
+            self._reread = True  # a destroy is said by no record
+        else:
+            self.operations[message.capsule_id] = message.operation
+        self._redraw_soon()
+
+    def _redraw_soon(self) -> None:
+        """A burst of changes (a create saves several records) draws once."""
+        if not self._redraw_pending:
+            self._redraw_pending = True
+            self.post_message(self.Redraw())
+
+    def on_main_screen_redraw(self, _: Redraw) -> None:
+        self._redraw_pending = False
+        reread, self._reread = self._reread, False
+        self.refresh_rows(reread)
 
     def _watch_sampler(self) -> None:
         if time.monotonic() - self.last_tick_at > STALL_AFTER_S:
             self.refresh_rows()
 
-    def refresh_rows(self) -> None:
-        """Re-read the capsules and redraw the rows and the status line."""
+    def refresh_rows(self, reread: bool = True) -> None:
+        """Redraw the rows and the status line, reading the capsule list first unless
+        `reread` is False (the rows already hold every record the app passed down)."""
         try:
+            if reread:
+                self.capsules = self.wrenn.backend.list_capsules()
             self._refresh_rows()
         except Exception as exc:
             # One bad read (a locked or half-migrated database) must not take the dashboard
@@ -171,7 +208,7 @@ class MainScreen(Screen[None]):
     def _refresh_rows(self) -> None:
         started = time.perf_counter()
         app = self.wrenn
-        capsules = app.backend.list_capsules()
+        capsules = self.capsules
         tick = self.last_tick
         now = tick.ts if tick is not None else app.clock()
         views = [self._view(capsule) for capsule in capsules if self._matches(capsule)]
@@ -201,7 +238,7 @@ class MainScreen(Screen[None]):
             mem_history=self.sparks.points(capsule.id, "guest_mem_used"),
             cpu_history=self.sparks.points(capsule.id, "guest_cpu_pct"),
             snapshot_bytes=self._snapshot_size(capsule),
-            operation=self.wrenn.operations.get(capsule.id),
+            operation=self.operations.get(capsule.id),
         )
 
     def _snapshot_size(self, capsule: Capsule) -> int | None:
@@ -338,7 +375,7 @@ class MainScreen(Screen[None]):
     def action_sort(self, mode: str) -> None:
         table = self.table
         table.set_sort(table.row_sort.toggled(SortMode(mode)))
-        self.refresh_rows()
+        self.refresh_rows(reread=False)
 
     def action_filter(self) -> None:
         field = self.query_one("#filter", Input)
@@ -354,12 +391,12 @@ class MainScreen(Screen[None]):
         field.display = False
         self.filter_text = ""
         self.table.focus()
-        self.refresh_rows()
+        self.refresh_rows(reread=False)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         self.filter_text = event.value.strip()
-        self.refresh_rows()
+        self.refresh_rows(reread=False)
 
     @on(Input.Submitted, "#filter")
     def _filter_submitted(self) -> None:
