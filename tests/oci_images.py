@@ -31,7 +31,10 @@ LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 CONFIG = "application/vnd.oci.image.config.v1+json"
-BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "mkdir", "rm", "cp", "mv", "ps", "sleep", "env")
+BUSYBOX_APPLETS = (
+    "sh", "ls", "cat", "echo", "mkdir", "rm", "cp", "mv", "ln", "ps", "sleep", "env", "id",
+    "wc", "head", "grep", "sed", "true", "false", "uname", "mount", "chmod", "touch", "kill",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,7 @@ def _open_store(source: Path) -> Iterator[_Store]:
         tar = tarfile.open(source, "r:*")  # noqa: SIM115 (closed by the with below)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise OciError(
-            f"{source} is neither an OCI layout directory nor a tar archive of an image ({exc})"
+            f"{source} is neither an OCI layout directory nor a tar archive of an image"
         ) from exc
     with tar:
         try:
