@@ -300,6 +300,28 @@ def _norm_member(name: str) -> str:
     return name.removeprefix("./").lstrip("/")
 
 
+def _archive_members(infos: list[tarfile.TarInfo]) -> dict[str, tarfile.TarInfo]:
+    """The archive's regular files by normalized name; a symlink to one of them (docker save
+    links a layer that occurs twice) is an alias. Nothing is extracted to disk."""
+    members = {_norm_member(m.name): m for m in infos if m.isfile()}
+    for info in infos:
+        if info.issym() and not info.linkname.startswith("/"):
+            parent = PurePosixPath(_norm_member(info.name)).parent
+            parts: list[str] = []
+            for part in (*parent.parts, *info.linkname.split("/")):
+                if part == "..":
+                    if not parts:
+                        break
+                    parts.pop()
+                elif part not in ("", "."):
+                    parts.append(part)
+            else:
+                target = members.get("/".join(parts))
+                if target is not None:
+                    members.setdefault(_norm_member(info.name), target)
+    return members
+
+
 @contextlib.contextmanager
 def _open_store(source: Path) -> Iterator[_Store]:
     if source.is_dir():
@@ -320,7 +342,7 @@ def _open_store(source: Path) -> Iterator[_Store]:
         ) from exc
     with tar:
         try:
-            members = {_norm_member(m.name): m for m in tar.getmembers() if m.isfile()}
+            members = _archive_members(tar.getmembers())
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise OciError(f"{source}: the archive is corrupt or truncated ({exc})") from exc
         if "oci-layout" in members and "index.json" in members:
@@ -581,22 +603,35 @@ class _Counting(io.RawIOBase):
 
 
 class _Tree:
-    """The paths the layers so far make and their kinds, to check hardlink targets."""
+    """Which paths the layers so far leave, to check hardlink targets. Whiteouts and opaque
+    markers hide what lower layers made (the OCI rule), recorded per layer so that each costs
+    O(1) and a lookup O(depth)."""
 
     def __init__(self) -> None:
-        self.paths: dict[str, str] = {}
+        self.added: dict[str, tuple[int, str]] = {}
+        """path -> (the last layer that wrote it, its kind)"""
+        self.whiteouts: dict[str, int] = {}
+        """path -> the last layer that whited it (and its subtree) out"""
+        self.opaque: dict[str, int] = {}
+        """directory -> the last layer that hid its lower-layer contents"""
 
-    def add(self, path: str, kind: str) -> None:
-        self.paths[path] = kind
+    def add(self, path: str, layer: int, kind: str) -> None:
+        self.added[path] = (layer, kind)
 
-    def remove(self, path: str) -> None:
-        self.paths.pop(path, None)
-        prefix = path + "/"
-        self.paths = {p: k for p, k in self.paths.items() if not p.startswith(prefix)}
-
-    def clear_dir(self, path: str) -> None:
-        prefix = path + "/" if path else ""
-        self.paths = {p: k for p, k in self.paths.items() if not p.startswith(prefix)}
+    def kind(self, path: str) -> str | None:
+        """The kind of what is at `path` now, None if nothing is."""
+        entry = self.added.get(path)
+        if entry is None:
+            return None
+        layer, kind = entry
+        parts = path.split("/")
+        for depth in range(len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            if depth and self.whiteouts.get(prefix, -1) > layer:
+                return None
+            if depth < len(parts) and self.opaque.get(prefix, -1) > layer:
+                return None
+        return kind
 
 
 def _clean_path(name: str, layer: _Layer, what: str = "entry") -> str:
@@ -638,12 +673,13 @@ def _check_member(member: tarfile.TarInfo, layer: _Layer, tree: _Tree) -> int:
     base = PurePosixPath(path).name
     parent = str(PurePosixPath(path).parent).removeprefix(".")
     if base == ".wh..wh..opq":
-        tree.clear_dir(parent)
+        tree.opaque[parent] = layer.index
         return 0
     if base.startswith(".wh."):
         if base in (".wh.", ".wh..", ".wh..."):
             raise OciError(f"{layer.name}: whiteout {member.name!r} names no file")
-        tree.remove(str(PurePosixPath(parent) / base.removeprefix(".wh.")).removeprefix("./"))
+        hidden = PurePosixPath(parent) / base.removeprefix(".wh.")
+        tree.whiteouts[str(hidden).removeprefix("./")] = layer.index
         return 0
     if kind == "symlink":
         if _symlink_escapes(path, member.linkname):
@@ -653,12 +689,12 @@ def _check_member(member: tarfile.TarInfo, layer: _Layer, tree: _Tree) -> int:
             )
     elif kind == "hardlink":
         target = _clean_path(member.linkname, layer, "hardlink target")
-        if tree.paths.get(target) not in ("file", "device", "fifo", "hardlink"):
+        if tree.kind(target) not in ("file", "device", "fifo", "hardlink"):
             raise OciError(
                 f"{layer.name}: hardlink {member.name!r} -> {member.linkname!r} names no file "
                 "an earlier entry made"
             )
-    tree.add(path, kind)
+    tree.add(path, layer.index, kind)
     return member.size if kind == "file" else 0
 
 
@@ -709,12 +745,16 @@ def _fetch_and_check(
     through (checking its diff_id and every member). Returns what the work manifest lists."""
     tmp = blobs / f"incoming-{layer.index}"
     raw_hash = hashlib.sha256()
+    if layer.size > MAX_UNPACKED_BYTES:
+        raise OciError(f"{layer.name}: {layer.size} bytes, over the limit")
     with store.blob(layer.digest) as src, tmp.open("wb") as dest:
         size = 0
         while chunk := src.read(CHUNK):
             raw_hash.update(chunk)
             dest.write(chunk)
             size += len(chunk)
+            if size > layer.size:
+                raise OciError(f"{layer.name}: the blob is larger than its descriptor says")
     raw_digest = "sha256:" + raw_hash.hexdigest()
     if layer.blob_is_diff:
         pass  # checked below, against the diff_id: a docker layer may be gzipped

@@ -6,6 +6,7 @@ Images are written by tests/oci_images.py; umoci, skopeo, zstd and e2fsprogs are
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -66,6 +67,7 @@ BASE: list[Layer] = [
         Whiteout("etc/hostname"),
         Opaque("opt"),
         File("opt/new", b"new"),
+        Hardlink("opt/new-link", "opt/new"),
         File("bin/tool", b"#!/bin/sh\necho tool\n", mode=0o4755),
         Hardlink("bin/tool-link", "bin/tool"),
         Symlink("bin/abs", "/bin/tool"),
@@ -161,7 +163,8 @@ def test_whiteouts_opaque_dirs_hardlinks_and_owners_across_three_layers(
     # layer 2 whited out etc/hostname, layer 3 wrote it again
     assert (root / "etc/hostname").read_bytes() == b"top\n"
     # opaque opt: the lower layer's files are gone, the new one is there
-    assert sorted(p.name for p in (root / "opt").iterdir()) == ["new"]
+    assert sorted(p.name for p in (root / "opt").iterdir()) == ["new", "new-link"]
+    assert (root / "opt/new-link").stat().st_ino == (root / "opt/new").stat().st_ino
     # a whiteout of a directory removes its tree
     assert not (root / "home/app").exists() and (root / "home").is_dir()
     # hardlinks within a layer and to a lower layer's file
@@ -234,6 +237,36 @@ def test_the_digest_is_stable_and_follows_the_content(tmp_path: Path) -> None:
     d1 = inspect(tmp_path / "d1.tar").digest
     assert d1 == inspect(tmp_path / "d2.tar").digest != inspect(tmp_path / "d3.tar").digest
     assert unpack(tmp_path / "d1.tar", tmp_path / "r2", tmp_path / "w").digest == d1
+
+
+def test_docker_save_gzipped_and_with_a_linked_duplicate_layer(tmp_path: Path) -> None:
+    """`docker save | gzip` is read as is; docker links a layer that occurs twice."""
+    write_docker_save(tmp_path / "plain.tar", BASE)
+    (tmp_path / "plain.tar.gz").write_bytes(gzip_bytes((tmp_path / "plain.tar").read_bytes()))
+    a = unpack(tmp_path / "plain.tar.gz", tmp_path / "root-gz", tmp_path / "work")
+    b = unpack(tmp_path / "plain.tar", tmp_path / "root", tmp_path / "work")
+    assert a.digest == b.digest
+    assert snapshot(tmp_path / "root-gz") == snapshot(tmp_path / "root")
+
+    twice: list[Layer] = [[File("a", b"1")], [File("b", b"2")], [File("a", b"1")]]
+    write_docker_save(tmp_path / "twice.tar", twice)
+    with tarfile.open(tmp_path / "twice.tar") as tar:
+        infos = tar.getmembers()
+        data = {m.name: tar.extractfile(m).read() for m in infos if m.isfile()}  # type: ignore[union-attr]
+    manifest = json.loads(data["manifest.json"])
+    first, _, third = manifest[0]["Layers"]
+    with tarfile.open(tmp_path / "linked.tar", "w") as tar:
+        for info in infos:
+            if info.name == third:
+                link = tarfile.TarInfo(third)
+                link.type, link.linkname = tarfile.SYMTYPE, f"../{first}"
+                tar.addfile(link)
+            elif info.isfile():
+                tar.addfile(info, io.BytesIO(data[info.name]))
+            else:
+                tar.addfile(info)
+    unpack(tmp_path / "linked.tar", tmp_path / "root-linked", tmp_path / "work")
+    assert sorted(p.name for p in (tmp_path / "root-linked").iterdir()) == ["a", "b"]
 
 
 def test_a_multi_arch_index_gives_linux_amd64(tmp_path: Path) -> None:
@@ -373,6 +406,7 @@ def _tampered(change: Callable[[Path, dict[str, Any]], None]) -> Callable[[Path]
         digest = write_layout(src, [[File("a", b"a")], [File("b", b"b" * 100)]])
         manifest = json.loads((src / "blobs/sha256" / digest[7:]).read_bytes())
         change(src, manifest)
+        write_index(src, [write_json(src, manifest, MANIFEST)])
         return src
 
     return make
@@ -428,8 +462,6 @@ def _docker_missing_layer(tmp: Path) -> Path:
         kept = [(m, f.read() if f else None) for m, f in members if "layer.tar" not in m.name]
     with tarfile.open(tmp / "src.tar", "w") as tar:
         for m, data in kept:
-            import io
-
             tar.addfile(m, io.BytesIO(data) if data is not None else None)
     return tmp / "src.tar"
 
@@ -490,6 +522,26 @@ BAD_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         "unsupported tar type",
     ),
     "digest mismatch": (_tampered(_flip_a_byte), "does not match its digest"),
+    "blob larger than its descriptor": (
+        _tampered(lambda src, m: m["layers"][1].update(size=m["layers"][1]["size"] - 10)),
+        "larger than its descriptor",
+    ),
+    "blob smaller than its descriptor": (
+        _tampered(lambda src, m: m["layers"][1].update(size=m["layers"][1]["size"] + 10)),
+        "its descriptor says",
+    ),
+    "layer size absurd": (
+        _tampered(lambda src, m: m["layers"][1].update(size=1 << 50)),
+        "over the limit",
+    ),
+    "sha512 digest": (
+        _tampered(lambda src, m: m["layers"][1].update(digest="sha512:" + "0" * 128)),
+        "is not sha256",
+    ),
+    "hardlink to a lower file an opaque dir hid": (
+        _layout([[Opaque("etc"), Raw("etc/h", tarfile.LNKTYPE, "etc/ok")]]),
+        "names no file",
+    ),
     "missing layer blob": (
         _tampered(lambda src, m: _blob_path(src, m["layers"][1]).unlink()),
         "is missing",
