@@ -946,3 +946,16 @@ def make_ext4(rootfs: Path, dest: Path, extra_mib: int = 512) -> None:
         raise OciError(f"writing {dest} failed: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def import_ext4(source: Path, dest: Path, work: Path, extra_mib: int = 512) -> OciImage:
+    """unpack() into a scratch tree under `work`, make_ext4() it as `dest`, remove the tree:
+    the whole import in one call. On error `dest` is not made and `work` is left as it was."""
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="oci-root-", dir=work))
+    try:
+        image = unpack(source, scratch / "rootfs", scratch)
+        make_ext4(scratch / "rootfs", dest, extra_mib)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return image

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from backend.recipes import oci
-from backend.recipes.oci import OciError, inspect, make_ext4, unpack
+from backend.recipes.oci import OciError, import_ext4, inspect, make_ext4, unpack
 from backend.recipes.parser import RecipeError
 from tests.oci_images import (
     BUSYBOX_APPLETS,
@@ -357,7 +357,11 @@ def test_busybox_layout_is_a_root_filesystem_without_libc(tmp_path: Path) -> Non
 
 def test_make_ext4_packs_a_tree_debugfs_can_list(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    write_layout(src, BASE)
+    owned: Layer = [
+        Dir("data", mode=0o750, uid=1234, gid=5678),
+        File("data/f", b"x", mode=0o640, uid=1234, gid=5678),
+    ]
+    write_layout(src, [*BASE, owned])
     unpack(src, tmp_path / "root", tmp_path / "work")
     dest = tmp_path / "rootfs.ext4"
     make_ext4(tmp_path / "root", dest, extra_mib=64)
@@ -374,10 +378,30 @@ def test_make_ext4_packs_a_tree_debugfs_can_list(tmp_path: Path) -> None:
     assert "usr/lib" in debugfs("stat /lib")
     tool = debugfs("stat /bin/tool")
     assert "Links: 2" in tool and "Mode:  04755" in tool
-    assert "User:  1000   Group:  1000" not in tool
+    owned_stat = debugfs("stat /data/f")
+    assert "User:  1234   Group:  5678" in owned_stat and "Mode:  0640" in owned_stat
+    assert "user.origin" in debugfs("ea_list /usr/lib/libx.so")
     st = dest.stat()
     assert st.st_blocks * 512 < st.st_size  # sparse
     assert not list(tmp_path.glob(".rootfs.ext4.tmp"))
+
+
+def test_import_ext4_in_one_call(tmp_path: Path) -> None:
+    busybox_layout(tmp_path / "bb")
+    image = import_ext4(tmp_path / "bb", tmp_path / "bb.ext4", tmp_path / "work", extra_mib=16)
+    assert image.config.cmd == ["/bin/sh"] and image.unpacked_bytes > 500_000
+    listing = subprocess.run(
+        ["debugfs", "-R", "ls -l /bin", str(tmp_path / "bb.ext4")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "busybox" in listing and " sh" in listing
+    assert not any((tmp_path / "work").iterdir())
+    write_layout(tmp_path / "bad", [[Raw("/abs")]])
+    with pytest.raises(OciError, match="absolute path"):
+        import_ext4(tmp_path / "bad", tmp_path / "bad.ext4", tmp_path / "work")
+    assert not (tmp_path / "bad.ext4").exists() and not any((tmp_path / "work").iterdir())
 
 
 def test_make_ext4_error_is_clear_and_leaves_nothing(tmp_path: Path) -> None:
