@@ -46,6 +46,7 @@ scratch dir).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -555,6 +556,8 @@ class _ErrorContext(contextlib.AbstractContextManager[None]):
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, tarfile.TarError | EOFError | zlib.error | gzip.BadGzipFile):
             raise OciError(f"{self.source}: the archive is corrupt or truncated ({exc})") from exc
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OciError(f"the disk is full while importing {self.source}") from exc
         if isinstance(exc, OSError) and not isinstance(exc, OciError):
             raise OciError(f"{self.source}: {exc}") from exc
 
@@ -592,10 +595,6 @@ class _Counting(io.RawIOBase):
         if self.count > self.limit:
             raise self.on_limit()
         return n
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
 
     @property
     def digest(self) -> str:
@@ -671,7 +670,8 @@ def _check_member(member: tarfile.TarInfo, layer: _Layer, tree: _Tree) -> int:
         return 0
     path = _clean_path(member.name, layer)
     base = PurePosixPath(path).name
-    parent = str(PurePosixPath(path).parent).removeprefix(".")
+    parent = str(PurePosixPath(path).parent)
+    parent = "" if parent == "." else parent
     if base == ".wh..wh..opq":
         tree.opaque[parent] = layer.index
         return 0
@@ -778,8 +778,8 @@ def _fetch_and_check(
                     unpacked += _check_member(member, layer, tree)
                     if unpacked > budget:
                         raise too_big()
-            reader.read()
-            counting.drain()
+            while reader.read(CHUNK):  # the rest: tar's end blocks, gzip's trailer and CRC
+                pass
     except OciError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:

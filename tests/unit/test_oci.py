@@ -566,6 +566,15 @@ BAD_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         _layout([[Opaque("etc"), Raw("etc/h", tarfile.LNKTYPE, "etc/ok")]]),
         "names no file",
     ),
+    "hardlink into a hidden dot dir": (
+        _layout(
+            [
+                [Dir(".cfg"), File(".cfg/a", b"a")],
+                [Opaque(".cfg"), Raw(".cfg/b", tarfile.LNKTYPE, ".cfg/a")],
+            ]
+        ),
+        "names no file",
+    ),
     "missing layer blob": (
         _tampered(lambda src, m: _blob_path(src, m["layers"][1]).unlink()),
         "is missing",
