@@ -6,7 +6,8 @@ changed, and capsules created from the result against the default warm create, i
 Prints one JSON object. The recipe: COPY of a 10 MB file, RUN, ENV, WORKDIR, USER, START of a
 server (each step's result a cached layer). Targets (issue 17): `recipe_noop_rebuild_s` <= 1.5 s,
 `recipe_last_step_changed_s` <= 0.5 x `recipe_build_s`, `create_from_built_template_s` <= 1.2 x
-`create_warm_s`.
+`create_warm_s`. `oci_import_s` / `oci_import_mb_per_s`: a ~50 MB OCI layout of 3 layers
+unpacked and packed as ext4 (bench/oci.py; no VM, measured first).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from backend.capsules.manager import CapsuleManager
 from backend.config import Paths, default_paths
 from backend.recipes.builder import RecipeBuilder
+from bench import oci as oci_bench
 
 RECIPE = """\
 FROM default
@@ -62,6 +64,8 @@ async def run() -> dict[str, Any]:
     await manager.start(watchdog=False)
     out: dict[str, Any] = {"recipe_steps": 6, "copy_mb": 10}
     try:
+        out.update(oci_bench.measure(root / "oci"))
+        shutil.rmtree(root / "oci")
         ctx = root / "ctx"
         ctx.mkdir()
         (ctx / "data.bin").write_bytes(os.urandom(10 << 20))

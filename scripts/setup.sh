@@ -10,6 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(
   qemu-system-x86 qemu-utils debootstrap busybox-static lz4 kmod e2fsprogs cpio
   ca-certificates debian-archive-keyring python3 python3-venv iproute2 nftables
+  umoci skopeo zstd
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
