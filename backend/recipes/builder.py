@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -354,7 +355,16 @@ class RecipeBuilder:
                 )
         except BuildFailed:
             raise
-        except (CapsuleError, httpx.HTTPError, OSError) as exc:
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                where_full = f" ({exc.filename})" if exc.filename else ""
+                raise BuildFailed(
+                    f"build of {name} failed: the disk is full{where_full}; the layers made so "
+                    "far are kept: free some space (`wrenn-tui template prune` removes unused "
+                    "layers) and build again"
+                ) from exc
+            raise BuildFailed(f"build of {name} failed: {exc}") from exc
+        except (CapsuleError, httpx.HTTPError) as exc:
             raise BuildFailed(f"build of {name} failed: {exc}") from exc
         finally:
             with contextlib.suppress(CapsuleError):

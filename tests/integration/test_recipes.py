@@ -17,6 +17,7 @@ import pytest
 
 from backend.capsules import builds
 from backend.capsules.disks import backing_chain
+from backend.capsules.errors import CapsuleError
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.templates import TemplateInUse
 from backend.config import Paths
@@ -181,6 +182,30 @@ async def test_failing_steps_leave_cached_layers_and_the_existing_template(
 
     capsule = await manager.create(template="app")
     assert (await sh(manager, capsule.id, "cat /one.txt /v.txt")).split() == ["one", "v1"]
+
+
+async def test_a_full_disk_during_a_build_is_a_clear_error_and_leaves_nothing_half_made(
+    manager: CapsuleManager, short_tmp: Path, tiny_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build's work dir (COPY's tar, each layer's capture) on a 128 KiB filesystem."""
+    recipe = short_tmp / "Recipe"
+    recipe.write_text("FROM default\nRUN echo one > /one.txt\n")
+    log = Log()
+    first = (await log.builder(manager).build("app", recipe)).template
+    (short_tmp / "big.bin").write_bytes(os.urandom(1 << 20))
+    recipe.write_text("FROM default\nRUN echo one > /one.txt\nCOPY big.bin /big.bin\n")
+    monkeypatch.setattr(type(manager.layout), "work", property(lambda self: tiny_fs / "work"))
+    with pytest.raises(CapsuleError) as failed:
+        await log.builder(manager).build("app", recipe)
+    monkeypatch.undo()
+    message = str(failed.value)
+    assert "build of app failed: the disk is full" in message, message
+    assert "build again" in message
+    assert "Traceback" not in message
+    assert manager.list_capsules() == [], "the build capsule was destroyed"
+    assert manager.templates.user("app") == first, "the existing template is untouched"
+    assert manager.templates.user(layer_name(first.layers[0])) is not None, "the cached layer"
+    assert list((tiny_fs / "work").iterdir()) == []
 
 
 async def test_an_agent_killed_mid_build_leaves_no_capsule_and_no_template(
