@@ -818,7 +818,10 @@ def _run_umoci(layout: Path, rootfs: Path, tmp: Path) -> None:
         err = proc.stderr.decode(errors="replace").strip()
         if "no space left" in err.lower():
             raise OciError(f"the disk holding {rootfs} is full while unpacking the image")
-        raise OciError(f"applying the layers failed (umoci exit {proc.returncode}): {err[-800:]}")
+        # umoci prints progress lines (a bullet) before its error lines (a cross)
+        lines = [ln.strip(" ⨯•") for ln in err.splitlines() if "•" not in ln] or [err]
+        why = "; ".join(ln for ln in lines if ln)[-800:]
+        raise OciError(f"applying the layers failed (umoci exit {proc.returncode}): {why}")
 
 
 def _empty(rootfs: Path, created: bool) -> None:
