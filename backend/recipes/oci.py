@@ -412,6 +412,16 @@ def _platform(desc: dict[str, Any]) -> str:
     return f"{platform.get('os', '?')}/{platform.get('architecture', '?')}"
 
 
+def _ref_name(desc: dict[str, Any]) -> str:
+    annotations = desc.get("annotations")
+    name = (
+        annotations.get("org.opencontainers.image.ref.name")
+        if isinstance(annotations, dict)
+        else None
+    )
+    return str(name) if name else _short(str(desc.get("digest")))
+
+
 def _is_attestation(desc: dict[str, Any]) -> bool:
     annotations = desc.get("annotations")
     return (
@@ -430,6 +440,12 @@ def _pick_manifest(store: _Store, index: Any, depth: int = 0) -> tuple[str, dict
         raise OciError(f"{store.what}: the index lists no image")
     if len(candidates) > 1:
         amd64 = [m for m in candidates if _platform(m) == f"linux/{ARCH}"]
+        if not any(_platform(m) for m in candidates):
+            tags = [_ref_name(m) for m in candidates]
+            raise OciError(
+                f"{store.what} has {len(candidates)} images ({', '.join(tags)}) and says "
+                "nothing of their platforms; save one image per file"
+            )
         if not amd64:
             found = ", ".join(sorted({_platform(m) or "unknown platform" for m in candidates}))
             raise OciError(

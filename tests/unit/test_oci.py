@@ -498,6 +498,17 @@ def _multi_arch_without_amd64(tmp: Path) -> Path:
     return src
 
 
+def _two_images_without_platform(tmp: Path) -> Path:
+    src = tmp / "src"
+    one = write_image(src, [[File("a", b"1")]])
+    two = write_image(src, [[File("a", b"2")]])
+    for desc, tag in ((one, "one"), (two, "two")):
+        del desc["platform"]
+        desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    write_index(src, [one, two])
+    return src
+
+
 def _not_an_image_dir(tmp: Path) -> Path:
     (tmp / "src").mkdir()
     (tmp / "src" / "index.json").write_text("{}")
@@ -619,6 +630,7 @@ BAD_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         "1 diff_ids for 0 layers",
     ),
     "multi-arch without amd64": (_multi_arch_without_amd64, "none for linux/amd64"),
+    "two images, no platforms": (_two_images_without_platform, r"2 images \(one, two\)"),
     "truncated archive": (_truncated_archive, "corrupt or truncated"),
     "docker-save missing layer": (_docker_missing_layer, "layer .* is missing"),
     "directory without oci-layout": (_not_an_image_dir, "not an OCI image layout"),
