@@ -10,7 +10,7 @@ A source is one of (told apart by content, never by file name):
 
 `inspect()` reads only the index, manifest and config (no layer is read); `unpack()` applies
 every layer into a root filesystem; `make_ext4()` packs that tree with `mkfs.ext4 -d` (no loop
-mount, no daemon).
+mount, no daemon); `import_ext4()` does both and removes the tree.
 
 Which tools, and why (each checked by running it here, umoci 0.4.7 and skopeo 1.9 from Debian
 bookworm):
@@ -35,12 +35,16 @@ bookworm):
   is installed for people who fetch images into files (`skopeo copy docker://debian:bookworm
   oci-archive:debian.tar`) and the tests use it to check that our archives are the ones the
   tools write.
+- An OCI archive is read in place with tarfile: only the blobs the chosen manifest names are
+  copied (digest-checked) into the work dir; skopeo's `oci-archive:` transport would first
+  extract the whole archive to a temp dir.
 - zstd layers (`tar+zstd`) are decompressed with the `zstd` tool into the work dir, since
   neither Python 3.11 nor umoci 0.4.7 reads them.
 
 A failed unpack leaves nothing: the rootfs is emptied (removed if this call created it) and the
 scratch dir under `work` is removed; nothing is written anywhere else (umoci's TMPDIR is the
-scratch dir).
+scratch dir). The tree unpack() leaves holds the image's own symlinks, absolute ones such as
+`etc/resolv.conf -> /run/...` included: host code that writes into it must not follow them.
 """
 
 from __future__ import annotations
@@ -891,7 +895,7 @@ def unpack(source: Path, rootfs: Path, work: Path) -> OciImage:
         desc["annotations"] = {"org.opencontainers.image.ref.name": TAG}
         (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
-        rootfs.mkdir(exist_ok=True)
+        rootfs.mkdir(parents=True, exist_ok=True)
         _run_umoci(layout, rootfs, scratch)
     except BaseException as exc:
         _empty(rootfs, created)
