@@ -74,6 +74,8 @@ MAX_UNPACKED_BYTES = 16 << 30
 MAX_JSON_BYTES = 4 << 20
 """The largest index, manifest or config document read."""
 MAX_LAYERS = 500
+MAX_TRAILING_BYTES = 64 << 20
+"""What a layer may carry after its tar's end (padding)."""
 ARCH = "amd64"
 TAG = "wrenn"
 
@@ -791,14 +793,19 @@ def _fetch_and_check(
     unpacked = 0
     try:
         with _decompressed(tmp, layer) as (stream, media_type):
-            counting = _Counting(stream, budget + (64 << 20), too_big)
+            counting = _Counting(stream, budget + MAX_TRAILING_BYTES, too_big)
             reader = io.BufferedReader(counting, CHUNK)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:
                     unpacked += _check_member(member, layer, tree)
                     if unpacked > budget:
                         raise too_big()
-            while reader.read(CHUNK):  # the rest: tar's end blocks, gzip's trailer and CRC
+            # the rest: tar's end blocks and padding, then gzip's trailer and CRC check
+            counting.limit = min(counting.limit, counting.count + MAX_TRAILING_BYTES)
+            counting.on_limit = lambda: OciError(
+                f"{layer.name}: more than {MAX_TRAILING_BYTES} bytes follow the end of its tar"
+            )
+            while reader.read(CHUNK):
                 pass
     except OciError:
         raise

@@ -696,6 +696,21 @@ def test_absurd_sizes_are_refused(area: dict[str, Path], monkeypatch: pytest.Mon
     assert_nothing_left(area)
 
 
+def test_junk_after_a_layers_tar_is_capped(
+    area: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small gzip can hide a huge run of zeros after the tar's end: it is not read forever."""
+    padded = GOOD_TAR + bytes(3 << 20)
+    src = _layout([Blob(gzip_bytes(padded), diff_id=sha256(padded))])(area["tmp"])
+    monkeypatch.setattr(oci, "MAX_TRAILING_BYTES", 1 << 20)
+    with pytest.raises(OciError, match="follow the end of its tar"):
+        unpack(src, area["rootfs"], area["work"])
+    assert_nothing_left(area)
+    monkeypatch.setattr(oci, "MAX_TRAILING_BYTES", 4 << 20)
+    unpack(src, area["rootfs"], area["work"])
+    assert (area["rootfs"] / "x").stat().st_size == 5000
+
+
 def test_a_non_empty_rootfs_is_refused(area: dict[str, Path]) -> None:
     src = _layout([])(area["tmp"])
     area["rootfs"].mkdir()
