@@ -313,6 +313,7 @@ def test_what_skopeo_writes_imports_the_same(tmp_path: Path) -> None:
         ("docker-archive:docker.tar", "oci:skopeo-layout:img"),
         ("docker-archive:docker.tar", "oci-archive:skopeo-archive.tar"),
         ("oci-archive:ours.tar", "oci:from-ours:img"),
+        ("oci-archive:ours.tar", "docker-archive:skopeo-docker.tar:test:latest"),
     ]
     for src, dest in copies:
         subprocess.run(
@@ -323,7 +324,8 @@ def test_what_skopeo_writes_imports_the_same(tmp_path: Path) -> None:
             capture_output=True,
         )
     expected = None
-    for name in ("docker.tar", "skopeo-layout", "skopeo-archive.tar", "from-ours"):
+    names = ("docker.tar", "skopeo-layout", "skopeo-archive.tar", "from-ours", "skopeo-docker.tar")
+    for name in names:
         image = unpack(tmp_path / name, tmp_path / f"root-{name}", tmp_path / "work")
         assert image.config.env == CONFIG_FULL.env
         tree = snapshot(tmp_path / f"root-{name}")
