@@ -114,14 +114,14 @@ async def test_reading_metadata_starts_no_host_process(manager: CapsuleManager) 
     assert capsule.pid is not None
     # the old metadata address answers nothing now (each connection used to fork a process)
     storm = (
-        "python3 -c \"import socket\n"
+        'python3 -c "import socket\n'
         "ok = 0\n"
         "for _ in range(40):\n"
         "    try:\n"
         "        socket.create_connection(('10.0.2.100', 80), 0.5).close(); ok += 1\n"
         "    except OSError:\n"
         "        pass\n"
-        "print(ok)\""
+        'print(ok)"'
     )
     result = await manager.exec(capsule.id, storm, timeout=120)
     assert result.stdout.strip() == "0", result.stdout + result.stderr
