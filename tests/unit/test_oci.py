@@ -347,13 +347,8 @@ def test_busybox_layout_is_a_root_filesystem_without_libc(tmp_path: Path) -> Non
         "tmp",
     ]
     assert os.readlink(root / "bin/sh") == "/bin/busybox"
-    assert (
-        "statically linked"
-        in subprocess.run(
-            ["file", "-b", str(root / "bin/busybox")], capture_output=True, text=True, check=True
-        ).stdout
-    )
     assert not list(root.rglob("*.so*")) and not list(root.rglob("python*"))
+    # runs with no loader and no libc in the tree: the busybox is static
     out = subprocess.run(
         ["chroot", str(root), "/bin/sh", "-c", "echo hello from $(ls /bin | wc -l) applets"],
         capture_output=True,
