@@ -18,11 +18,13 @@ from backend.capsules.usage import DiskUsage, Reclaimable, UsageScanner
 from backend.config import Paths
 from backend.image.builder import ImageBuilder
 from backend.image.errors import ImageBuildError
+from backend.recipes.status import BuildStatus, active_builds
 from backend.runtime.accel import probe_accel
 from backend.runtime.network import MODES
 
 __all__ = [
     "MAX_FORK",
+    "BuildStatus",
     "DiskUsage",
     "ImageBuildFailed",
     "ManagerPort",
@@ -101,6 +103,10 @@ class ManagerPort:
 
     def subscribe(self, listener: Callable[[Capsule], None]) -> Callable[[], None]:
         return self.manager.subscribe(listener)
+
+    def builds(self) -> list[BuildStatus]:
+        """Recipe builds running now, started by any process (the CLI's included)."""
+        return active_builds(self.manager.layout.work)
 
     def templates(self) -> list[TemplateInfo]:
         users: dict[str, int] = {}

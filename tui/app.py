@@ -245,6 +245,9 @@ class WrennApp(App[None]):
             answered,
         )
 
+    def on_templates_refresh_wanted(self, _: msg.TemplatesRefreshWanted) -> None:
+        self.templates_changed()
+
     def on_help_requested(self, _: msg.HelpRequested) -> None:
         self.show_help(self.screen)
 

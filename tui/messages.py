@@ -92,6 +92,10 @@ class TemplateRemoveRequested(Message):
         self.name = name
 
 
+class TemplatesRefreshWanted(Message):
+    """The templates view saw a build end: its list is read again."""
+
+
 class HelpRequested(Message):
     pass
 

@@ -54,6 +54,13 @@ class CapsuleLayout:
     def vmm_log(self, capsule_id: str) -> Path:
         return self.run_dir(capsule_id) / "qemu.log"
 
+    @staticmethod
+    def agent_disk(image_dir: Path) -> Path | None:
+        """The image's agent disk (envd, its Python, PID 1); None for an image built before
+        agent disks, whose capsules and snapshots run without one."""
+        path = image_dir / "agent.ext4"
+        return path if path.is_file() else None
+
     def metadata_file(self, capsule_id: str) -> Path:
         return self.run_dir(capsule_id) / "metadata.json"
 

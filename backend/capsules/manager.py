@@ -141,6 +141,7 @@ class CapsuleManager:
             forward_host=capsule.envd_host,
             accel=capsule.accel,
             network=capsule.network,
+            agent_disk=self.layout.agent_disk(image),
         )
 
     def envd(self, capsule: Capsule, timeout: float = 10.0, token: str | None = None) -> Envd:

@@ -355,6 +355,7 @@ class WarmSnapshots:
                 metadata_json=json.dumps({"templateID": image_dir.name, "accessToken": token}),
                 accel=accel,
                 network=network,
+                agent_disk=self.layout.agent_disk(image_dir),
             )
             netns = None
             if network == "internet":

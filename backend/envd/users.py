@@ -65,10 +65,24 @@ def can_access(st: os.stat_result, account: Account, want: int) -> bool:
     return bits & want == want
 
 
+def current_account() -> Account:
+    """envd's own account. An image may have no passwd database at all (a busybox or
+    distroless OCI image): then root is root by number, with / as home unless /root exists."""
+    uid = os.geteuid()
+    try:
+        return Account.from_passwd(pwd.getpwuid(uid))
+    except KeyError:
+        gid = os.getegid()
+        name = "root" if uid == 0 else str(uid)
+        home = "/root" if uid == 0 and os.path.isdir("/root") else "/"
+        log.warning("uid %d has no passwd entry; acting as %r (home %s)", uid, name, home)
+        return Account(name=name, uid=uid, gid=gid, home=home, shell=FALLBACK_SHELL, groups=(gid,))
+
+
 class Accounts:
     def __init__(self, host_mode: bool) -> None:
         self.host_mode = host_mode
-        self.current = Account.from_passwd(pwd.getpwuid(os.geteuid()))
+        self.current = current_account()
         # Only root can switch user; anything else (host mode included) runs as itself.
         self.can_switch = not host_mode and os.geteuid() == 0
 

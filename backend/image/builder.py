@@ -1,9 +1,10 @@
 """Builds the default capsule image, one cached stage at a time, and installs it atomically.
 
-Layout of an image dir (`<data>/images/<name>/`): vmlinux, initrd.cpio.gz, rootfs.ext4,
-manifest.json. The manifest is written last and the dir is renamed into place, so a dir with a
-manifest is always a complete image; a failed build leaves only a `.build-*` dir, removed on the
-next build.
+Layout of an image dir (`<data>/images/<name>/`): vmlinux, initrd.cpio.gz, rootfs.ext4 (the
+image's own root: nothing of the agent in it but an empty /.wrenn mount point), agent.ext4
+(envd, its Python and PID 1: backend/image/agent.py), manifest.json. The manifest is written
+last and the dir is renamed into place, so a dir with a manifest is always a complete image;
+a failed build leaves only a `.build-*` dir, removed on the next build.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend.config import Paths, assets_dir
-from backend.image import initramfs, kernel, rootfs
+from backend.image import agent, initramfs, kernel, rootfs
 from backend.image.errors import ImageBuildError
 from backend.image.manifest import (
     IMAGE_FORMAT,
@@ -31,10 +32,10 @@ from backend.image.recipe import Recipe
 from backend.image.tools import disk_full_error, find_static_busybox, is_disk_full, require_tools
 from backend.sparse import sparse_checksum
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 """Bump when the builder's output changes for the same inputs."""
 MIN_FREE_BYTES = 3 << 30
-IMAGE_FILES = ("vmlinux", "initrd.cpio.gz", "rootfs.ext4")
+IMAGE_FILES = ("vmlinux", "initrd.cpio.gz", "rootfs.ext4", "agent.ext4")
 
 BuildProgress = Callable[[str, float], None]
 """Called with (step description, overall fraction done 0..1)."""
@@ -105,12 +106,14 @@ class ImageBuilder:
             ),
             "base": base,
             "wheels": _short(BUILDER_VERSION, base, requirements),
-            "layer": _short(
+            "agent": _short(
                 BUILDER_VERSION,
+                base,
+                requirements,
                 self.envd_source_hash(),
                 (guest / "wrenn-init").read_text(),
-                str(recipe.disk_size_mib),
             ),
+            "rootfs": _short(BUILDER_VERSION, base, str(recipe.disk_size_mib)),
         }
 
     def input_key(self, recipe: Recipe) -> str:
@@ -252,7 +255,7 @@ class ImageBuilder:
                     cache / f".work-wheels-{tag}",
                 )
 
-            report("rootfs: envd + capsule init layer", 0.80)
+            report("agent disk: envd, its Python and PID 1", 0.80)
             from backend.envd import __version__ as envd_version
 
             image_info = json.dumps(
@@ -263,25 +266,22 @@ class ImageBuilder:
                 },
                 indent=2,
             )
-            layer = build_dir / "layer"
-            rootfs.build_layer(
+            agent_tree = build_dir / "agent"
+            agent.build_agent_tree(
+                base_rootfs,
+                python_version,
+                wheels_dir / "site",
                 self._backend_dir / "envd",
                 self._backend_dir / "__init__.py",
                 self._guest_assets / "wrenn-init",
                 image_info,
-                layer,
+                agent_tree,
             )
+            agent.pack_agent(agent_tree, build_dir / "agent.ext4")
+            shutil.rmtree(agent_tree)
 
             report("rootfs: packing ext4", 0.85)
-            rootfs.pack(
-                base_rootfs,
-                wheels_dir / "site",
-                layer,
-                recipe.disk_size_mib,
-                build_dir / "rootfs.ext4",
-                build_dir,
-            )
-            shutil.rmtree(layer)
+            rootfs.pack(base_rootfs, recipe.disk_size_mib, build_dir / "rootfs.ext4", build_dir)
 
             report("manifest: checksums", 0.93)
             files = {}
@@ -316,6 +316,60 @@ class ImageBuilder:
             report("installing image", 0.98)
             self._install(build_dir, manifest.version)
             report("done", 1.0)
+            return manifest
+        except BaseException:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise
+
+    def install_derived(self, base: str, rootfs_ext4: Path, identity: str) -> ImageManifest:
+        """Install image NAME (this builder's name) from a root filesystem made elsewhere (an
+        OCI image's, backend/recipes/oci.py) with the kernel, initramfs and agent disk of the
+        installed image `base` (hard links: stored once). `identity` names the rootfs's
+        content (an OCI manifest digest); with the base's version it makes the input key, so
+        the same rootfs on a newer base is a new version. `rootfs_ext4` is moved in."""
+        source = ImageBuilder(self.paths, base)
+        base_manifest = source.installed()
+        if base_manifest is None or "agent.ext4" not in base_manifest.files:
+            raise ImageBuildError(
+                f"image {base!r} is not installed (or predates agent disks)",
+                "run `wrenn-tui image build`",
+            )
+        base_dir = source.image_dir.resolve()
+        input_key = hashlib.sha256(f"{base_manifest.input_key}\n{identity}".encode()).hexdigest()
+        self._remove_stale_work_dirs()
+        build_dir = self.paths.images / f".build-{self.recipe_name}-{os.getpid()}"
+        build_dir.mkdir(parents=True)
+        build_dir.chmod(0o700)
+        started = time.monotonic()
+        try:
+            files = {}
+            for name in IMAGE_FILES:
+                if name == "rootfs.ext4":
+                    shutil.move(rootfs_ext4, build_dir / name)
+                    st = (build_dir / name).stat()
+                    files[name] = ImageFile(
+                        name, st.st_size, st.st_blocks * 512, sparse_checksum(build_dir / name)
+                    )
+                else:
+                    os.link(base_dir / name, build_dir / name)
+                    files[name] = base_manifest.files[name]
+            manifest = replace(
+                base_manifest,
+                name=self.recipe_name,
+                input_key=input_key,
+                built_at=time.time(),
+                build_seconds=round(time.monotonic() - started, 2),
+                suite=identity,
+                stage_keys={**base_manifest.stage_keys, "rootfs": identity},
+                files=files,
+                template_snapshots={},
+            )
+            (build_dir / MANIFEST_NAME).write_text(manifest.to_json())
+            with (build_dir / MANIFEST_NAME).open("rb") as f:
+                os.fsync(f.fileno())
+            with (build_dir / "rootfs.ext4").open("rb") as f:
+                os.fsync(f.fileno())
+            self._install(build_dir, manifest.version)
             return manifest
         except BaseException:
             shutil.rmtree(build_dir, ignore_errors=True)

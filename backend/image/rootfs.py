@@ -2,8 +2,8 @@
 
 base  : debootstrap minbase + python3, trimmed (cached by suite and package list; ~1 min)
 wheels: envd's pinned dependencies as installed wheels (cached by requirements.txt)
-layer : envd's source from this repo, the capsule init, image metadata (rebuilt every time)
-pack  : base + wheels + layer copied into one tree, byte-compiled, `mkfs.ext4 -d` (seconds)
+pack  : the base tree plus an empty /.wrenn (where the agent disk is mounted), `mkfs.ext4 -d`
+The agent disk (envd, its wheels, its own Python and PID 1) is backend/image/agent.py.
 """
 
 from __future__ import annotations
@@ -203,52 +203,12 @@ def copy_tree(src: Path, dest: Path) -> None:
     run(["cp", "-a", f"{src}/.", dest], what=f"copying {src.name}")
 
 
-def build_layer(
-    envd_package: Path, backend_init: Path, wrenn_init: Path, image_info: str, layer: Path
-) -> None:
-    envd_root = layer / "opt" / "wrenn" / "envd" / "backend"
-    shutil.copytree(
-        envd_package,
-        envd_root / "envd",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
-    shutil.copy2(backend_init, envd_root / "__init__.py")
-    # /sbin is a link to usr/sbin on merged-/usr systems: install through the real path
-    sbin = layer / "usr" / "sbin"
-    sbin.mkdir(parents=True)
-    shutil.copy2(wrenn_init, sbin / "wrenn-init")
-    (sbin / "wrenn-init").chmod(0o755)
-    (layer / "etc" / "wrenn").mkdir(parents=True)
-    (layer / "etc" / "wrenn" / "image.json").write_text(image_info)
-    (layer / "var" / "log").mkdir(parents=True)
-
-
-def pack(base: Path, wheels: Path, layer: Path, size_mib: int, dest: Path, work: Path) -> None:
-    """Merge the layers, byte-compile with the guest's own python, make the ext4 image."""
+def pack(base: Path, size_mib: int, dest: Path, work: Path) -> None:
+    """The image's root as an ext4 image: the base tree plus the agent disk's mount point."""
     tree = work / "tree"
     tree.mkdir(parents=True)
     copy_tree(base, tree)
-    (tree / "opt" / "wrenn" / "site").mkdir(parents=True, exist_ok=True)
-    copy_tree(wheels, tree / "opt" / "wrenn" / "site")
-    copy_tree(layer, tree)
-    # .pyc made by the guest's own interpreter: importing the server stack without them costs
-    # the guest seconds at every cold boot.
-    run(
-        [
-            "chroot",
-            tree,
-            "/usr/bin/python3",
-            "-m",
-            "compileall",
-            "-q",
-            "-j",
-            "0",
-            "--invalidation-mode",
-            "unchecked-hash",
-            "/opt/wrenn",
-        ],
-        what="byte-compiling envd in the guest tree",
-    )
+    (tree / ".wrenn").mkdir(mode=0o755, exist_ok=True)
     run(
         [
             "mkfs.ext4",

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -50,8 +51,9 @@ from backend.capsules.templates import (
     check_name,
 )
 from backend.envd import protocol as wire
+from backend.recipes import oci, oci_base
 from backend.recipes.context import CopyPlan, plan_copy, write_tar
-from backend.recipes.parser import Recipe, RecipeError, Step, parse
+from backend.recipes.parser import USER_NAME, Recipe, RecipeError, Step, parse
 from backend.recipes.status import BuildStatus, StatusWriter
 
 if TYPE_CHECKING:
@@ -86,6 +88,26 @@ class Defaults:
     def of(cls, template: Template) -> Defaults:
         return cls(dict(template.env), template.workdir, template.user)
 
+    @classmethod
+    def of_image(cls, config: oci.OciConfig, report: Report) -> Defaults:
+        """An OCI image's ENV, WORKDIR and USER (a numeric USER or `user:group` is not an
+        account name envd can take: said, and left as root)."""
+        user = config.user
+        if user and not USER_NAME.fullmatch(user):
+            report(f"the OCI image's USER {user!r} is not an account name: processes run as root")
+            user = ""
+        return cls(dict(config.env), config.workdir, user)
+
+    def init_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.env:
+            body["envVars"] = dict(self.env)
+        if self.workdir:
+            body["defaultWorkdir"] = self.workdir
+        if self.user:
+            body["defaultUser"] = self.user
+        return body
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -119,6 +141,7 @@ class RecipeBuilder:
         self.output = output or (lambda _line: None)
         self._early: list[str] = []
         self._status: StatusWriter | None = None
+        self._oci: oci_base.OciBase | None = None
 
     def _progress(self, line: str, step: int | None = None) -> None:
         self.progress(line)
@@ -148,9 +171,9 @@ class RecipeBuilder:
 
     def plan(
         self, name: str, recipe_file: Path, context: Path | None
-    ) -> tuple[Recipe, Template, list[str], dict[int, CopyPlan]]:
-        """Everything checked: the recipe, its FROM template, each step's layer key, and the
-        COPY plans (by step index)."""
+    ) -> tuple[Recipe, Template | None, list[str], dict[int, CopyPlan]]:
+        """Everything checked: the recipe, its FROM template (None: an OCI image not imported
+        yet), each step's layer key, and the COPY plans (by step index)."""
         check_name(name)
         if name.startswith(LAYER_PREFIX):
             raise RecipeError(f"template names starting with {LAYER_PREFIX!r} are for the cache")
@@ -160,13 +183,34 @@ class RecipeBuilder:
         context = context if context is not None else recipe_file.parent
         if not context.is_dir():
             raise RecipeError(f"the build context {context} is not a directory")
-        try:
-            base = self.m.templates.get(recipe.base)
-        except TemplateNotFound:
-            raise RecipeError(
-                f"{recipe_file}: line {recipe.base_line}: FROM {recipe.base}: no such template "
-                "(see `wrenn-tui template list`)"
-            ) from None
+        self._oci = None
+        if recipe.oci_path is not None:
+            source = oci_base.resolve_source(recipe_file, recipe.oci_path)
+            try:
+                self._oci = oci_base.OciBase(source, oci.inspect(source))
+            except RecipeError as exc:
+                raise RecipeError(
+                    f"{recipe_file}: line {recipe.base_line}: FROM {recipe.base}: {exc}"
+                ) from None
+            config = self._oci.image.config
+            for step in recipe.steps:
+                if step.instruction == "START" and not step.command and not config.argv:
+                    raise RecipeError(
+                        f"{recipe_file}: line {step.line}: START with no command, but the "
+                        "OCI image has no ENTRYPOINT or CMD"
+                    )
+            recipe = _with_image_start(recipe, config)
+            base: Template | None = self.m.templates.image(self._oci.name)
+            if base is not None and not oci_base.installed(self.m.paths, self._oci.image.digest):
+                base = None  # imported on an older default image: imported again
+        else:
+            try:
+                base = self.m.templates.get(recipe.base)
+            except TemplateNotFound:
+                raise RecipeError(
+                    f"{recipe_file}: line {recipe.base_line}: FROM {recipe.base}: no such "
+                    "template (see `wrenn-tui template list`)"
+                ) from None
         copies: dict[int, CopyPlan] = {}
         for index, step in enumerate(recipe.steps):
             if step.instruction == "COPY":
@@ -176,6 +220,10 @@ class RecipeBuilder:
                     raise RecipeError(f"{recipe_file}: {exc}") from None
         keys: list[str] = []
         parent = self._base_identity(base)
+        if self._oci is not None:
+            accel = self.m.runtime(self.m.paths.image_dir(oci_base.BASE_IMAGE)).accel
+            ident = oci_base.identity(self.m.paths, self._oci.image.digest)
+            parent = f"{ident} 256m 1c {accel} none"
         for index, step in enumerate(recipe.steps):
             text = step.text
             if index in copies:
@@ -184,7 +232,9 @@ class RecipeBuilder:
             keys.append(parent)
         return recipe, base, keys, copies
 
-    def _base_identity(self, base: Template) -> str:
+    def _base_identity(self, base: Template | None) -> str:
+        if base is None:
+            return ""
         if base.builtin:
             accel = self.m.runtime(Path(base.image_dir)).accel
             return f"image {Path(base.image_dir).name} 256m 1c {accel} none"
@@ -245,7 +295,7 @@ class RecipeBuilder:
         self,
         name: str,
         recipe: Recipe,
-        base: Template,
+        base: Template | None,
         keys: list[str],
         copies: dict[int, CopyPlan],
         first: int,
@@ -254,11 +304,28 @@ class RecipeBuilder:
     ) -> None:
         steps = recipe.steps
         parent = self._layer(keys[first - 1]) if first else base
-        assert parent is not None
+        from_image = first == 0 and self._oci is not None
+        if from_image and parent is None:
+            assert self._oci is not None
+            await asyncio.to_thread(oci_base.import_image, self.m.paths, self._oci, self._progress)
+            parent = self.m.templates.image(self._oci.name)
+        if parent is None:
+            raise BuildFailed(f"build of {name}: its base vanished (pruned meanwhile?)")
         what = "FROM " + recipe.base if not first else f"the cached step {first}"
         self._progress(f"starting the build capsule from {what}")
         capsule = await self.m.create(template=parent.name, labels=builds.labels(name, work))
         defaults = Defaults.of(parent)
+        if from_image:
+            assert self._oci is not None
+            defaults = Defaults.of_image(self._oci.image.config, self._progress)
+            init = defaults.init_body()
+            if init:
+                try:
+                    await self._init(capsule, init, f"FROM {recipe.base}")
+                except BuildFailed:
+                    with contextlib.suppress(CapsuleError):
+                        await self.m.destroy(capsule.id)
+                    raise
         started: dict[str, str] = {}
         """START processes of this build: tag -> where."""
         try:
@@ -422,10 +489,7 @@ class RecipeBuilder:
         tar.unlink(missing_ok=True)
         if response.status_code >= 400:
             raise BuildFailed(f"{where}: upload failed: {_envd_message(response)}")
-        unpack = (
-            f"tar -xf {remote} -C / --no-overwrite-dir --same-owner; code=$?; rm -f {remote}; "
-            "exit $code"
-        )
+        unpack = _unpack_command(remote)
         code, tail = await self._exec(capsule, unpack, 600, user="root", cwd="/")
         if code != 0:
             raise BuildFailed(_failure(where, f"unpacking exited with {code}", tail))
@@ -619,6 +683,44 @@ def _unshared_bytes(directory: Path) -> int:
             if info.st_nlink == 1:
                 total += info.st_blocks * 512
     return total
+
+
+def _with_image_start(recipe: Recipe, config: oci.OciConfig) -> Recipe:
+    """START with no command runs the image's ENTRYPOINT + CMD (as Docker joins them)."""
+    steps = tuple(
+        replace(step, command=shlex.join(config.argv))
+        if step.instruction == "START" and not step.command
+        else step
+        for step in recipe.steps
+    )
+    return replace(recipe, steps=steps)
+
+
+UNPACK_SCRIPT = (
+    "import os, sys, tarfile\n"
+    "with tarfile.open(sys.argv[1]) as t:\n"
+    "    for m in t:\n"
+    "        if not (m.isdir() and os.path.isdir('/' + m.name)):\n"
+    "            t.extract(m, '/', numeric_owner=True)\n"
+)
+"""GNU tar's `-x --no-overwrite-dir --same-owner` in the agent's own Python: existing
+directories keep their owner and mode, everything else is made as the tar says."""
+
+
+def _unpack_command(remote: str) -> str:
+    """Unpack a COPY's tar in the capsule with the agent disk's Python (the image may have no
+    tar, or busybox's, which lacks GNU's options); with GNU tar on an image from before agent
+    disks."""
+    agent = "/.wrenn/lib/ld-linux-x86-64.so.2"
+    python = (
+        f"{agent} --library-path /.wrenn/lib $(echo /.wrenn/python/bin/python3.*) -I -S -c "
+        + _quote(UNPACK_SCRIPT)
+    )
+    return (
+        f"if [ -x {agent} ]; then {python} {remote}; "
+        f"else tar -xf {remote} -C / --no-overwrite-dir --same-owner; fi; "
+        f"code=$?; rm -f {remote}; exit $code"
+    )
 
 
 def _start_tag(step: Step) -> str:

@@ -121,6 +121,11 @@ class OciConfig:
     cmd: list[str]
     entrypoint: list[str]
 
+    @property
+    def argv(self) -> list[str]:
+        """What the image runs (Docker's rule: ENTRYPOINT, then CMD as its arguments)."""
+        return [*self.entrypoint, *self.cmd]
+
 
 @dataclass(frozen=True)
 class OciImage:

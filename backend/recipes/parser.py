@@ -1,8 +1,10 @@
 """The recipe format: a subset of Dockerfile syntax plus two instructions of ours.
 
     # comment                      blank lines and comments are ignored
-    FROM <template>                first instruction, exactly once: an image (`default`) or a
-                                   saved template (`FROM oci:<path>` is not supported yet)
+    FROM <template>                first instruction, exactly once: an image (`default`), a
+                                   saved template, or `oci:<path>`: an OCI image layout dir, OCI
+                                   archive or `docker save` tarball (path relative to the
+                                   recipe's dir; backend/recipes/oci.py)
     RUN <shell command>            /bin/bash -l -c in the capsule; a non-zero exit fails the build
     COPY <src>... <dst>            from the context dir (default: the recipe's dir); a
                                    directory's contents go into <dst>; <dst> ending in `/`
@@ -11,7 +13,8 @@
     ENV <key>=<value> ...          (or `ENV <key> <value>`) for later steps and every capsule
     WORKDIR <path>                 created if missing; later steps and capsules start there
     USER <name>                    an account of the capsule; later steps and capsules run as it
-    START <shell command>          left running: every capsule starts with it running
+    START <shell command>          left running: every capsule starts with it running (no
+                                   command: the OCI image's ENTRYPOINT + CMD, FROM oci: only)
     READY [--timeout=S] <command>  run every 0.5 s until it exits 0 (default deadline 60 s)
 
 A line ending in `\\` continues on the next. Instruction names are case-insensitive. JSON
@@ -43,6 +46,7 @@ DOCKER_ONLY = (
 )
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
+OCI_PREFIX = "oci:"
 READY_TIMEOUT_S = 60.0
 MAX_READY_TIMEOUT_S = 3600.0
 
@@ -84,9 +88,14 @@ class Step:
 @dataclass(frozen=True)
 class Recipe:
     base: str
-    """The FROM template."""
+    """The FROM template, or `oci:<path>`."""
     base_line: int
     steps: tuple[Step, ...]
+
+    @property
+    def oci_path(self) -> str | None:
+        """FROM oci:<path>: the path as written."""
+        return self.base[len(OCI_PREFIX) :] if self.base.startswith(OCI_PREFIX) else None
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -210,16 +219,20 @@ def parse(text: str) -> Recipe:
                 raise RecipeError(f"line {line}: FROM must come before every other instruction")
             if not args or len(args.split()) != 1:
                 raise RecipeError(f"line {line}: FROM takes one template name (FROM default)")
-            if args.startswith("oci:"):
-                raise RecipeError(
-                    f"line {line}: FROM oci:<path> (an OCI image) is not supported yet; "
-                    "use FROM <template>"
-                )
+            if args.startswith("oci:") and not args[4:]:
+                raise RecipeError(f"line {line}: FROM oci: needs a path (FROM oci:./image.tar)")
             base, base_line = args, line
             continue
         if not base:
             raise RecipeError(f"line {line}: the recipe must start with FROM <template>")
-        if instruction in ("RUN", "START"):
+        if instruction == "START" and not args:
+            if not base.startswith(OCI_PREFIX):
+                raise RecipeError(
+                    f"line {line}: START needs a command (START with none runs an OCI image's "
+                    "ENTRYPOINT and CMD, with FROM oci:<path>)"
+                )
+            steps.append(Step(line, instruction, args))  # the builder fills in the image's
+        elif instruction in ("RUN", "START"):
             steps.append(Step(line, instruction, args, command=_command(line, instruction, args)))
         elif instruction == "READY":
             timeout = READY_TIMEOUT_S

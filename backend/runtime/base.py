@@ -68,6 +68,9 @@ class VMConfig:
     forward_host: str = "127.0.0.1"
     """Address envd's port forward listens on (the namespace's veth address with a netns)."""
     extra_append: tuple[str, ...] = field(default_factory=tuple)
+    agent_disk: Path | None = None
+    """The image's read-only agent disk (envd, its Python, PID 1), attached after the capsule's
+    disk; None for an image built before agent disks (its snapshots have no such device)."""
 
     @property
     def qmp_socket(self) -> Path:

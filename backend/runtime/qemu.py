@@ -48,6 +48,8 @@ QMP_CONNECT_TIMEOUT_S = 10.0
 BALLOON_POLL_INTERVAL_S = 5
 MIGRATION_BANDWIDTH = 16 << 30
 MIGRATION_FD = "wrenn-migration"
+AGENT_SERIAL = "wrenn-agent"
+"""The agent disk's virtio serial (assets/guest/stage1-init finds the disk by it)."""
 
 
 def host_tsc_khz() -> int:
@@ -114,6 +116,7 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "auto-read-only=off",
         "-device",
         "virtio-blk-device,drive=d0",
+        *_agent_drive(c),
         "-netdev",
         netdev,
         "-device",
@@ -149,6 +152,20 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         # `ip netns exec` execs QEMU in place: the pid stays QEMU's
         argv = ["ip", "netns", "exec", c.netns, *argv]
     return argv
+
+
+def _agent_drive(c: VMConfig) -> list[str]:
+    """The agent disk, read-only, told apart from the capsule's disk by its serial (stage 1
+    looks for it). Device order is part of what a snapshot needs, so it always comes here."""
+    if c.agent_disk is None:
+        return []
+    path = str(c.agent_disk).replace(",", ",,")
+    return [
+        "-drive",
+        f"file={path},if=none,id=d1,format=raw,readonly=on,auto-read-only=off",
+        "-device",
+        f"virtio-blk-device,drive=d1,serial={AGENT_SERIAL}",
+    ]
 
 
 def pid_is_vm(pid: int, config: VMConfig) -> bool:

@@ -30,7 +30,7 @@ async def test_image_boots_and_envd_answers_on_loopback(manager: CapsuleManager)
         assert result.exit_code == 0
         release, init = result.stdout.splitlines()
         assert release.endswith("-cloud-amd64")
-        assert "wrenn-init" in init
+        assert init.rstrip().endswith("/.wrenn/init")  # PID 1 from the agent disk
     # the forward listens on loopback only
     ss = subprocess.run(
         ["ss", "-ltnH", f"sport = :{capsule.host_port}"], capture_output=True, text=True

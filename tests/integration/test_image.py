@@ -44,7 +44,7 @@ def test_image_list_json_reports_versions_and_hashes(built_image: Path) -> None:
     assert default["up_to_date"] is True
     manifest = default["manifest"]
     assert manifest["kernel_release"].endswith("-cloud-amd64")
-    assert set(manifest["files"]) == {"vmlinux", "initrd.cpio.gz", "rootfs.ext4"}
+    assert set(manifest["files"]) == {"vmlinux", "initrd.cpio.gz", "rootfs.ext4", "agent.ext4"}
     for f in manifest["files"].values():
         assert len(f["sha256"]) == 64
         assert (built_image / f["name"]).stat().st_size == f["size"]

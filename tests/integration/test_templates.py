@@ -62,7 +62,7 @@ def _private_image_copy(paths: Paths, root: Path) -> Paths:
     data = root / "data"
     copy = data / "images" / real.name
     copy.mkdir(parents=True)
-    for name in ("vmlinux", "initrd.cpio.gz", "rootfs.ext4"):
+    for name in ("vmlinux", "initrd.cpio.gz", "rootfs.ext4", "agent.ext4"):
         os.link(real / name, copy / name)
     shutil.copy2(real / "manifest.json", copy / "manifest.json")
     shutil.copytree(

@@ -237,3 +237,29 @@ async def test_save_start_from_fork_and_delete_on_real_capsules(vm_paths: Paths)
         assert "web1" not in [t.name for t in manager.list_templates()]
         assert "web1" not in [str(r.key.value) for r in screen.table.ordered_rows]
         assert len(app.notices_of("error")) == 2
+
+
+async def test_templates_view_shows_running_builds_from_any_process(
+    manager: CapsuleManager,
+) -> None:
+    """A build holds its work dir and writes its status (as `template build` in another
+    process does): the view shows its step and latest lines, and drops it once it ends."""
+    from backend.recipes.status import BuildStatus, StatusWriter
+
+    app = app_for(manager)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("T")
+        assert isinstance(app.screen, TemplatesScreen)
+        screen = app.screen
+        panel = screen.query_one("#builds")
+        await wait_until(pilot, lambda: screen.is_mounted)
+        assert not panel.display
+        with manager.layout.work_dir("build") as work:
+            writer = StatusWriter(work, BuildStatus("web", "/r/Recipe", 1.0, 0, 3))
+            writer.progress("[2/3] line 4: RUN make", step=2)
+            writer.output("compiling marker-line")
+            await wait_until(pilot, lambda: panel.display, timeout=5)
+            shown = str(panel.render())
+            assert "building web" in shown and "step 2/3" in shown
+            assert "compiling marker-line" in shown
+        await wait_until(pilot, lambda: not panel.display, timeout=5)

@@ -70,6 +70,13 @@ def test_a_good_recipe_parses_into_its_steps() -> None:
     assert not steps[2].changes_state and steps[4].changes_state
 
 
+def test_from_oci_and_start_with_no_command() -> None:
+    recipe = parse("FROM oci:images/app.tar\nENV A=1\nSTART\n")
+    assert recipe.oci_path == "images/app.tar"
+    assert recipe.steps[1].instruction == "START" and recipe.steps[1].command == ""
+    assert parse("FROM default\nRUN true\n").oci_path is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -81,7 +88,8 @@ def test_a_good_recipe_parses_into_its_steps() -> None:
         ('FROM default\nCMD ["x"]\n', "line 2: unknown instruction 'CMD'"),
         ("FROM default\n\nRUN true\nFROBNICATE x\n", "line 4: unknown instruction 'FROBNICATE'"),
         ("FROM a b\nRUN true\n", "line 1: FROM takes one template name"),
-        ("FROM oci:/tmp/image\nRUN true\n", "line 1: FROM oci:<path> (an OCI image) is not"),
+        ("FROM oci:\nRUN true\n", "line 1: FROM oci: needs a path"),
+        ("FROM default\nSTART\n", "line 2: START needs a command (START with none runs an OCI"),
         ("FROM default\nRUN\n", "line 2: RUN needs a command"),
         ('FROM default\nRUN ["a", 1]\n', "line 2: RUN [...] must be a JSON list"),
         ("FROM default\nCOPY onlyone\n", "line 2: COPY needs a source and a destination"),

@@ -1,12 +1,15 @@
 """`T`: the templates capsules start from (the images and the ones saved from capsules), with
 their size on disk, source, memory size, creation time and how many capsules use each. `n`
-creates a capsule from the selected one, ctrl+d removes a saved one (asks first)."""
+creates a capsule from the selected one, ctrl+d removes a saved one (asks first). Recipe builds
+running now, started here or by any other process (`wrenn-tui template build`), show below the
+table with their current step and latest log lines (read every second; when one ends the list
+is read again)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from rich.text import Text
 from textual import on
@@ -15,9 +18,19 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from backend.dashboard import TemplateInfo
+from backend.dashboard import BuildStatus, TemplateInfo
 from tui import format as fmt
-from tui.messages import CreateRequested, HelpRequested, TemplateRemoveRequested
+from tui.messages import (
+    CreateRequested,
+    HelpRequested,
+    TemplateRemoveRequested,
+    TemplatesRefreshWanted,
+)
+
+if TYPE_CHECKING:
+    from tui.context import Dashboard
+
+BUILD_LOG_LINES = 6
 
 COLUMNS = (
     ("name", "NAME"),
@@ -33,6 +46,19 @@ def _created(created_at: float) -> str:
     if not created_at:
         return fmt.UNKNOWN
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(created_at))
+
+
+def builds_text(builds: Sequence[BuildStatus]) -> Text:
+    """Each running build: its name, step and current line, then its latest log lines."""
+    text = Text()
+    for build in builds:
+        step = f"step {build.step}/{build.steps}" if build.step else "starting"
+        text.append(f"building {build.name}", style="bold")
+        text.append(f"  {step}  {build.current}\n")
+        for line in build.log[-BUILD_LOG_LINES:]:
+            text.append(f"  {line}\n", style="dim")
+    text.rstrip()
+    return text
 
 
 def template_cells(template: TemplateInfo) -> tuple[Text, ...]:
@@ -74,11 +100,28 @@ class TemplatesScreen(Screen[None]):
         for key, label in COLUMNS:
             table.add_column(label, key=key)
         yield table
+        yield Static("", id="builds")
         yield Footer()
 
     def on_mount(self) -> None:
         self.show(self.templates)
         self.query_one(DataTable).focus()
+        self._building: set[str] = set()
+        self.poll_builds()
+        self.set_interval(1.0, self.poll_builds)
+
+    def poll_builds(self) -> None:
+        try:
+            builds = cast("Dashboard", self.app).backend.builds()
+        except OSError:
+            builds = []
+        panel = self.query_one("#builds", Static)
+        panel.display = bool(builds)
+        panel.update(builds_text(builds))
+        names = {b.name for b in builds}
+        if self._building - names:
+            self.post_message(TemplatesRefreshWanted())  # a build ended: a new template
+        self._building = names
 
     @property
     def table(self) -> DataTable[Text]:
