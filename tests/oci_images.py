@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from backend.image.tools import elf_has_interpreter
+
 MTIME = 1_700_000_000
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -318,6 +320,8 @@ def write_docker_save(dest: Path, layers: list[Layer], config: ImageConfig | Non
 def busybox_layout(dest: Path, busybox: Path = Path("/bin/busybox")) -> str:
     """A 1-layer OCI layout with only a static busybox and its applet links, plus the empty
     directories a root filesystem needs: no Python, no libc. Returns the manifest digest."""
+    if elf_has_interpreter(busybox):
+        raise ValueError(f"{busybox} is dynamically linked: apt-get install busybox-static")
     layer: list[Entry] = [Dir("bin")]
     layer.append(File("bin/busybox", busybox.read_bytes(), mode=0o755))
     layer += [Symlink(f"bin/{applet}", "/bin/busybox") for applet in BUSYBOX_APPLETS]

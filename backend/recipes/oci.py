@@ -10,7 +10,7 @@ A source is one of (told apart by content, never by file name):
 
 `inspect()` reads only the index, manifest and config (no layer is read); `unpack()` applies
 every layer into a root filesystem; `make_ext4()` packs that tree with `mkfs.ext4 -d` (no loop
-mount, no daemon).
+mount, no daemon); `import_ext4()` does both and removes the tree.
 
 Which tools, and why (each checked by running it here, umoci 0.4.7 and skopeo 1.9 from Debian
 bookworm):
@@ -35,12 +35,16 @@ bookworm):
   is installed for people who fetch images into files (`skopeo copy docker://debian:bookworm
   oci-archive:debian.tar`) and the tests use it to check that our archives are the ones the
   tools write.
+- An OCI archive is read in place with tarfile: only the blobs the chosen manifest names are
+  copied (digest-checked) into the work dir; skopeo's `oci-archive:` transport would first
+  extract the whole archive to a temp dir.
 - zstd layers (`tar+zstd`) are decompressed with the `zstd` tool into the work dir, since
   neither Python 3.11 nor umoci 0.4.7 reads them.
 
 A failed unpack leaves nothing: the rootfs is emptied (removed if this call created it) and the
 scratch dir under `work` is removed; nothing is written anywhere else (umoci's TMPDIR is the
-scratch dir).
+scratch dir). The tree unpack() leaves holds the image's own symlinks, absolute ones such as
+`etc/resolv.conf -> /run/...` included: host code that writes into it must not follow them.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ MAX_UNPACKED_BYTES = 16 << 30
 MAX_JSON_BYTES = 4 << 20
 """The largest index, manifest or config document read."""
 MAX_LAYERS = 500
+MAX_TRAILING_BYTES = 64 << 20
+"""What a layer may carry after its tar's end (padding)."""
 ARCH = "amd64"
 TAG = "wrenn"
 
@@ -417,6 +423,16 @@ def _platform(desc: dict[str, Any]) -> str:
     return f"{platform.get('os', '?')}/{platform.get('architecture', '?')}"
 
 
+def _ref_name(desc: dict[str, Any]) -> str:
+    annotations = desc.get("annotations")
+    name = (
+        annotations.get("org.opencontainers.image.ref.name")
+        if isinstance(annotations, dict)
+        else None
+    )
+    return str(name) if name else _short(str(desc.get("digest")))
+
+
 def _is_attestation(desc: dict[str, Any]) -> bool:
     annotations = desc.get("annotations")
     return (
@@ -435,6 +451,12 @@ def _pick_manifest(store: _Store, index: Any, depth: int = 0) -> tuple[str, dict
         raise OciError(f"{store.what}: the index lists no image")
     if len(candidates) > 1:
         amd64 = [m for m in candidates if _platform(m) == f"linux/{ARCH}"]
+        if not any(_platform(m) for m in candidates):
+            tags = [_ref_name(m) for m in candidates]
+            raise OciError(
+                f"{store.what} has {len(candidates)} images ({', '.join(tags)}) and says "
+                "nothing of their platforms; save one image per file"
+            )
         if not amd64:
             found = ", ".join(sorted({_platform(m) or "unknown platform" for m in candidates}))
             raise OciError(
@@ -776,14 +798,19 @@ def _fetch_and_check(
     unpacked = 0
     try:
         with _decompressed(tmp, layer) as (stream, media_type):
-            counting = _Counting(stream, budget + (64 << 20), too_big)
+            counting = _Counting(stream, budget + MAX_TRAILING_BYTES, too_big)
             reader = io.BufferedReader(counting, CHUNK)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:
                     unpacked += _check_member(member, layer, tree)
                     if unpacked > budget:
                         raise too_big()
-            while reader.read(CHUNK):  # the rest: tar's end blocks, gzip's trailer and CRC
+            # the rest: tar's end blocks and padding, then gzip's trailer and CRC check
+            counting.limit = min(counting.limit, counting.count + MAX_TRAILING_BYTES)
+            counting.on_limit = lambda: OciError(
+                f"{layer.name}: more than {MAX_TRAILING_BYTES} bytes follow the end of its tar"
+            )
+            while reader.read(CHUNK):
                 pass
     except OciError:
         raise
@@ -823,7 +850,10 @@ def _run_umoci(layout: Path, rootfs: Path, tmp: Path) -> None:
         err = proc.stderr.decode(errors="replace").strip()
         if "no space left" in err.lower():
             raise OciError(f"the disk holding {rootfs} is full while unpacking the image")
-        raise OciError(f"applying the layers failed (umoci exit {proc.returncode}): {err[-800:]}")
+        # umoci prints progress lines (a bullet) before its error lines (a cross)
+        lines = [ln.strip(" ⨯•") for ln in err.splitlines() if "•" not in ln] or [err]
+        why = "; ".join(ln for ln in lines if ln)[-800:]
+        raise OciError(f"applying the layers failed (umoci exit {proc.returncode}): {why}")
 
 
 def _empty(rootfs: Path, created: bool) -> None:
@@ -877,7 +907,7 @@ def unpack(source: Path, rootfs: Path, work: Path) -> OciImage:
         desc["annotations"] = {"org.opencontainers.image.ref.name": TAG}
         (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
-        rootfs.mkdir(exist_ok=True)
+        rootfs.mkdir(parents=True, exist_ok=True)
         _run_umoci(layout, rootfs, scratch)
     except BaseException as exc:
         _empty(rootfs, created)

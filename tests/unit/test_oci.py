@@ -313,6 +313,7 @@ def test_what_skopeo_writes_imports_the_same(tmp_path: Path) -> None:
         ("docker-archive:docker.tar", "oci:skopeo-layout:img"),
         ("docker-archive:docker.tar", "oci-archive:skopeo-archive.tar"),
         ("oci-archive:ours.tar", "oci:from-ours:img"),
+        ("oci-archive:ours.tar", "docker-archive:skopeo-docker.tar:test:latest"),
     ]
     for src, dest in copies:
         subprocess.run(
@@ -323,7 +324,8 @@ def test_what_skopeo_writes_imports_the_same(tmp_path: Path) -> None:
             capture_output=True,
         )
     expected = None
-    for name in ("docker.tar", "skopeo-layout", "skopeo-archive.tar", "from-ours"):
+    names = ("docker.tar", "skopeo-layout", "skopeo-archive.tar", "from-ours", "skopeo-docker.tar")
+    for name in names:
         image = unpack(tmp_path / name, tmp_path / f"root-{name}", tmp_path / "work")
         assert image.config.env == CONFIG_FULL.env
         tree = snapshot(tmp_path / f"root-{name}")
@@ -346,6 +348,7 @@ def test_busybox_layout_is_a_root_filesystem_without_libc(tmp_path: Path) -> Non
     ]
     assert os.readlink(root / "bin/sh") == "/bin/busybox"
     assert not list(root.rglob("*.so*")) and not list(root.rglob("python*"))
+    # runs with no loader and no libc in the tree: the busybox is static
     out = subprocess.run(
         ["chroot", str(root), "/bin/sh", "-c", "echo hello from $(ls /bin | wc -l) applets"],
         capture_output=True,
@@ -498,6 +501,17 @@ def _multi_arch_without_amd64(tmp: Path) -> Path:
     return src
 
 
+def _two_images_without_platform(tmp: Path) -> Path:
+    src = tmp / "src"
+    one = write_image(src, [[File("a", b"1")]])
+    two = write_image(src, [[File("a", b"2")]])
+    for desc, tag in ((one, "one"), (two, "two")):
+        del desc["platform"]
+        desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    write_index(src, [one, two])
+    return src
+
+
 def _not_an_image_dir(tmp: Path) -> Path:
     (tmp / "src").mkdir()
     (tmp / "src" / "index.json").write_text("{}")
@@ -619,6 +633,7 @@ BAD_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         "1 diff_ids for 0 layers",
     ),
     "multi-arch without amd64": (_multi_arch_without_amd64, "none for linux/amd64"),
+    "two images, no platforms": (_two_images_without_platform, r"2 images \(one, two\)"),
     "truncated archive": (_truncated_archive, "corrupt or truncated"),
     "docker-save missing layer": (_docker_missing_layer, "layer .* is missing"),
     "directory without oci-layout": (_not_an_image_dir, "not an OCI image layout"),
@@ -682,6 +697,21 @@ def test_absurd_sizes_are_refused(area: dict[str, Path], monkeypatch: pytest.Mon
     with pytest.raises(OciError, match=r"over the limit|larger than"):
         unpack(src, area["rootfs"], area["work"])
     assert_nothing_left(area)
+
+
+def test_junk_after_a_layers_tar_is_capped(
+    area: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small gzip can hide a huge run of zeros after the tar's end: it is not read forever."""
+    padded = GOOD_TAR + bytes(3 << 20)
+    src = _layout([Blob(gzip_bytes(padded), diff_id=sha256(padded))])(area["tmp"])
+    monkeypatch.setattr(oci, "MAX_TRAILING_BYTES", 1 << 20)
+    with pytest.raises(OciError, match="follow the end of its tar"):
+        unpack(src, area["rootfs"], area["work"])
+    assert_nothing_left(area)
+    monkeypatch.setattr(oci, "MAX_TRAILING_BYTES", 4 << 20)
+    unpack(src, area["rootfs"], area["work"])
+    assert (area["rootfs"] / "x").stat().st_size == 5000
 
 
 def test_a_non_empty_rootfs_is_refused(area: dict[str, Path]) -> None:
