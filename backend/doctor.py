@@ -124,6 +124,18 @@ def run_checks(paths: Paths) -> list[Check]:
         )
     else:
         checks.append(Check("shm", False, f"{paths.shm} missing", "set WRENN_SHM_DIR"))
+    umoci = shutil.which("umoci")
+    checks.append(
+        Check(
+            "oci",
+            umoci is not None,
+            f"umoci at {umoci}: `FROM oci:<path>` recipes can import images"
+            if umoci
+            else "no umoci: recipes cannot start `FROM oci:<path>`",
+            "apt-get install umoci (or `make setup`)",
+            fatal=False,
+        )
+    )
     checks.append(
         Check(
             "root",
