@@ -23,7 +23,7 @@ from backend.capsules.snapshots import DiskFrom, SnapshotManifest, restore
 from backend.capsules.templates import snapshot_key
 from backend.runtime.base import VM, VMConfig
 from backend.runtime.ports import free_port
-from backend.runtime.qemu import QemuRuntime
+from backend.runtime.qemu import QemuRuntime, metadata_blob
 from backend.sparse import create_holes
 from tests.integration.conftest import manager
 
@@ -48,6 +48,7 @@ def _config(
         metadata_json=json.dumps({"instanceID": "cl-sec", "accessToken": token}),
         accel=accel,
         network="none",
+        agent_disk=m.layout.agent_disk(image),
     )
 
 
@@ -121,16 +122,13 @@ async def test_envd_in_a_capsule_is_never_tokenless(
         # The token is not on QEMU's command line (every local user can read that).
         cmdline = Path(f"/proc/{vm.pid}/cmdline").read_bytes()
         assert b"cold-token" not in cmdline
-        # Nor readable by another local user in QEMU's environment, where it is.
+        # Nor in its environment; the fw_cfg file holding it is readable by the agent only.
+        assert b"cold-token" not in Path(f"/proc/{vm.pid}/environ").read_bytes()
+        blob = metadata_blob(config)
+        assert b"cold-token" in blob.read_bytes()
+        assert blob.stat().st_mode & 0o777 == 0o600
         peek = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "cat",
-                f"/proc/{vm.pid}/environ",
-            ],
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", blob],
             capture_output=True,
         )
         assert peek.returncode != 0 and b"cold-token" not in peek.stdout
