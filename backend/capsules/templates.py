@@ -84,6 +84,18 @@ def snapshot_key(memory_mib: int, vcpus: int, accel: str, network: str = "none")
     return f"{memory_mib}m-{vcpus}c-{accel}{suffix}"
 
 
+def init_defaults(env: dict[str, str], workdir: str, user: str) -> dict[str, object]:
+    """The /init fields (envVars, defaultWorkdir, defaultUser) for what is set of these."""
+    body: dict[str, object] = {}
+    if env:
+        body["envVars"] = dict(env)
+    if workdir:
+        body["defaultWorkdir"] = workdir
+    if user:
+        body["defaultUser"] = user
+    return body
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
@@ -114,14 +126,7 @@ class Template:
 
     def process_defaults(self) -> dict[str, object]:
         """The /init fields that make env, workdir and user the capsules' defaults."""
-        body: dict[str, object] = {}
-        if self.env:
-            body["envVars"] = dict(self.env)
-        if self.workdir:
-            body["defaultWorkdir"] = self.workdir
-        if self.user:
-            body["defaultUser"] = self.user
-        return body
+        return init_defaults(self.env, self.workdir, self.user)
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.image.errors import ImageBuildError
-from backend.image.tools import run
+from backend.image.tools import mkfs_ext4, run
 
 AGENT_MOUNT = "/.wrenn"
 """Where the agent disk is mounted in every capsule (read-only)."""
@@ -198,24 +198,4 @@ def _stdlib_ignore(stdlib: Path) -> Callable[[str, list[str]], list[str]]:
 def pack_agent(tree: Path, dest: Path) -> None:
     """`tree` as a small ext4 with no journal (it is only ever mounted read-only)."""
     used = sum(p.lstat().st_size for p in tree.rglob("*")) >> 20
-    size_mib = used + used // 4 + 16
-    run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-L",
-            AGENT_LABEL,
-            "-O",
-            "^has_journal",
-            "-m",
-            "0",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            tree,
-            dest,
-            f"{size_mib}M",
-        ],
-        what="mkfs.ext4 (agent disk)",
-    )
+    mkfs_ext4(tree, dest, used + used // 4 + 16, AGENT_LABEL, "-O", "^has_journal", "-m", "0")

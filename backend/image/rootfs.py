@@ -17,7 +17,7 @@ import httpx
 
 from backend.config import settings
 from backend.image.errors import ImageBuildError
-from backend.image.tools import run
+from backend.image.tools import mkfs_ext4, run
 
 TRIM = (
     "usr/share/doc",
@@ -209,20 +209,5 @@ def pack(base: Path, size_mib: int, dest: Path, work: Path) -> None:
     tree.mkdir(parents=True)
     copy_tree(base, tree)
     (tree / ".wrenn").mkdir(mode=0o755, exist_ok=True)
-    run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-L",
-            "wrenn-root",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            tree,
-            dest,
-            f"{size_mib}M",
-        ],
-        what="mkfs.ext4",
-    )
+    mkfs_ext4(tree, dest, size_mib, "wrenn-root")
     shutil.rmtree(tree)

@@ -88,6 +88,28 @@ def run(
     return proc.stdout.decode(errors="replace") if proc.stdout is not None else ""
 
 
+def mkfs_ext4(tree: Path, dest: Path, size_mib: int, label: str, *options: str) -> None:
+    """An ext4 image of `size_mib` filled from `tree` (`mkfs.ext4 -d`: no loop mount), owned
+    by root at its top; `options` are more mkfs.ext4 flags."""
+    run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            label,
+            *options,
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            tree,
+            dest,
+            f"{size_mib}M",
+        ],
+        what=f"mkfs.ext4 ({label})",
+    )
+
+
 def find_static_busybox() -> Path:
     for candidate in BUSYBOX_CANDIDATES:
         path = Path(candidate)

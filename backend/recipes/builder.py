@@ -50,6 +50,7 @@ from backend.capsules.templates import (
     TemplateInUse,
     TemplateNotFound,
     check_name,
+    init_defaults,
 )
 from backend.envd import protocol as wire
 from backend.recipes import oci, oci_base
@@ -100,14 +101,7 @@ class Defaults:
         return cls(dict(config.env), config.workdir, user)
 
     def init_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {}
-        if self.env:
-            body["envVars"] = dict(self.env)
-        if self.workdir:
-            body["defaultWorkdir"] = self.workdir
-        if self.user:
-            body["defaultUser"] = self.user
-        return body
+        return init_defaults(self.env, self.workdir, self.user)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import shutil
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -22,6 +23,20 @@ async def manager(paths: Paths) -> AsyncIterator[CapsuleManager]:
         await destroy_all(paths)
         with contextlib.suppress(Exception):
             await m.close()
+
+
+@pytest.fixture
+def scratch_images(paths: Paths) -> Iterator[list[str]]:
+    """Names of images a test installs in the shared images dir (an OCI import, a derived
+    image): removed, every version, when the test ends."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        for path in paths.images.glob(f"{name}*"):
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 async def destroy_all(paths: Paths) -> None:

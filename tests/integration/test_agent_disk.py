@@ -8,7 +8,6 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ from backend.capsules.manager import CapsuleManager
 from backend.config import Paths
 from backend.image.builder import ImageBuilder
 from backend.image.tools import find_static_busybox
-from tests.integration.conftest import manager
+from tests.integration.conftest import manager, scratch_images
 
-__all__ = ["manager"]
+__all__ = ["manager", "scratch_images"]
 
 pytestmark = pytest.mark.vm
 
@@ -62,7 +61,7 @@ def _busybox_root(tree: Path) -> None:
 
 
 @pytest.fixture
-def busybox_image(paths: Paths, short_tmp: Path) -> Iterator[str]:
+def busybox_image(paths: Paths, short_tmp: Path, scratch_images: list[str]) -> str:
     name = f"test-bb-{secrets.token_hex(3)}"
     tree = short_tmp / "tree"
     _busybox_root(tree)
@@ -71,15 +70,9 @@ def busybox_image(paths: Paths, short_tmp: Path) -> Iterator[str]:
         ["mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", tree, ext4, "256M"],
         check=True,
     )
+    scratch_images.append(name)
     ImageBuilder(paths, name).install_derived("default", ext4, f"test {name}")
-    try:
-        yield name
-    finally:
-        for path in paths.images.glob(f"{name}*"):
-            if path.is_symlink():
-                path.unlink()
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+    return name
 
 
 async def test_envd_runs_in_an_image_with_no_python_and_no_libc(

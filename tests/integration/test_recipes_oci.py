@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from backend.capsules.manager import CapsuleManager
-from backend.config import Paths
 from backend.recipes.builder import RecipeBuilder
 from backend.recipes.parser import RecipeError
-from tests.integration.conftest import manager, sh
+from tests.integration.conftest import manager, scratch_images, sh
 from tests.oci_images import (
     BUSYBOX_APPLETS,
     Dir,
@@ -28,7 +26,7 @@ from tests.oci_images import (
     write_layout,
 )
 
-__all__ = ["manager"]
+__all__ = ["manager", "scratch_images"]
 
 pytestmark = pytest.mark.vm
 
@@ -57,24 +55,12 @@ def _busybox_server_image(dest: Path) -> str:
     return write_layout(dest, [layer], config)
 
 
-@pytest.fixture
-def cleanup_images(paths: Paths) -> Iterator[list[str]]:
-    names: list[str] = []
-    yield names
-    for name in names:
-        for path in paths.images.glob(f"{name}*"):
-            if path.is_symlink():
-                path.unlink()
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
 async def test_a_template_from_an_oci_image_with_no_python_and_no_libc(
-    manager: CapsuleManager, short_tmp: Path, cleanup_images: list[str]
+    manager: CapsuleManager, short_tmp: Path, scratch_images: list[str]
 ) -> None:
     digest = _busybox_server_image(short_tmp / "image")
     image_name = "oci-" + digest.removeprefix("sha256:")[:12]
-    cleanup_images.append(image_name)
+    scratch_images.append(image_name)
     (short_tmp / "note.txt").write_text("from the context\n")
     (short_tmp / "Recipe").write_text(RECIPE)
     progress: list[str] = []
