@@ -583,7 +583,8 @@ def template_build(
 
 @template.command("prune")
 def template_prune() -> None:
-    """Remove the cached layers of recipe builds that no template was built from."""
+    """Remove the cached layers of recipe builds that no template was built from, and the
+    imported OCI images (`oci-*`) no template or capsule builds on."""
     from backend.capsules.errors import CapsuleError
     from backend.recipes.builder import prune
 
@@ -595,7 +596,12 @@ def template_prune() -> None:
         click.echo(f"removed {name}")
     for name in result.kept_in_use:
         click.echo(f"kept {name}: a capsule runs on it")
-    click.echo(f"{len(result.removed)} layer(s) removed, {result.freed / 2**20:.1f} MiB freed")
+    images = sum(1 for name in result.removed if name.startswith("oci-"))
+    layers = len(result.removed) - images
+    click.echo(
+        f"{layers} layer(s) and {images} imported image(s) removed, "
+        f"{result.freed / 2**20:.1f} MiB freed"
+    )
 
 
 if __name__ == "__main__":

@@ -327,7 +327,7 @@ class RecipeBuilder:
             for index in range(first, len(steps)):
                 step = steps[index]
                 self._progress(
-                    f"[{index + 1}/{len(steps)}] line {step.line}: {step.text}", step=index + 1
+                    f"[{index + 1}/{len(steps)}] line {step.line}: {_shown(step)}", step=index + 1
                 )
                 began = time.monotonic()
                 where = f"step {index + 1}/{len(steps)} ({step.instruction} at line {step.line})"
@@ -676,16 +676,39 @@ async def prune(m: CapsuleManager) -> PruneResult:
             continue  # removed meanwhile
         removed.append(t.name)
         freed += size
-    return PruneResult(removed, kept, freed)
+    images, image_bytes = _prune_oci_images(m)
+    return PruneResult(removed + images, kept, freed + image_bytes)
+
+
+def _prune_oci_images(m: CapsuleManager) -> tuple[list[str], int]:
+    """Imported OCI images (every version) that no template and no capsule builds on."""
+    removed: list[str] = []
+    freed = 0
+    with m.templates.lock():
+        saved = [t for t in m.templates.all(include_hidden=True) if not t.builtin]
+        used = {Path(t.image_dir).resolve() for t in saved}
+        used |= {Path(c.image_dir).resolve() for c in m.list_capsules()}
+        for version in sorted(m.paths.images.glob(f"{oci_base.PREFIX}*@*")):
+            if version.resolve() in used:
+                continue
+            freed += _unshared_bytes(version)
+            shutil.rmtree(version, ignore_errors=True)
+            removed.append(version.name)
+        for link in m.paths.images.glob(f"{oci_base.PREFIX}*"):
+            if link.is_symlink() and not link.exists():
+                link.unlink()
+    return removed, freed
 
 
 def _unshared_bytes(directory: Path) -> int:
+    """Bytes of the files under `directory` that no hard link elsewhere keeps."""
     total = 0
-    with contextlib.suppress(OSError):
-        for part in directory.iterdir():
-            info = part.stat()
-            if info.st_nlink == 1:
-                total += info.st_blocks * 512
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(root, name))
+                if info.st_nlink == 1:
+                    total += info.st_blocks * 512
     return total
 
 
@@ -725,6 +748,13 @@ def _unpack_command(remote: str) -> str:
         f"else tar -xf {remote} -C / --no-overwrite-dir --same-owner; fi; "
         f"code=$?; rm -f {remote}; exit $code"
     )
+
+
+def _shown(step: Step) -> str:
+    """The step as the progress line shows it (START with no command: what it runs)."""
+    if step.instruction == "START" and not step.args:
+        return f"START (the image's ENTRYPOINT + CMD: {step.command})"
+    return step.text
 
 
 def _start_tag(step: Step) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backend.capsules.manager import CapsuleManager
-from backend.recipes.builder import RecipeBuilder
+from backend.recipes.builder import RecipeBuilder, prune
 from backend.recipes.parser import RecipeError
 from tests.integration.conftest import manager, scratch_images, sh
 from tests.oci_images import (
@@ -92,6 +92,15 @@ async def test_a_template_from_an_oci_image_with_no_python_and_no_libc(
     assert again.noop and time.monotonic() - started < 5
     assert not any(line.startswith("importing ") for line in progress)
     await manager.destroy(capsule.id)
+
+    # prune keeps the imported image while a template builds on it, removes it after
+    assert not any(n.startswith(image_name) for n in (await prune(manager)).removed)
+    assert manager.templates.image(image_name) is not None
+    await manager.template_remove("bb-app")
+    pruned = await prune(manager)
+    assert any(n.startswith(f"{image_name}@") for n in pruned.removed), pruned
+    assert manager.templates.image(image_name) is None
+    assert not list(manager.paths.images.glob(f"{image_name}*"))
 
 
 async def test_bad_oci_bases_are_refused_before_any_capsule(
