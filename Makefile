@@ -12,7 +12,7 @@ lint:
 	.venv/bin/ruff format --check .
 
 typecheck:
-	.venv/bin/mypy backend tui
+	.venv/bin/mypy backend tui tests bench
 
 pytest:
 	.venv/bin/pytest

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.recipes.oci import make_ext4, unpack
-from tests.oci_images import Dir, File, Layer, Whiteout, write_layout
+from tests.oci_images import Dir, Entry, File, Layer, Whiteout, write_layout
 
 MB = 1 << 20
 
@@ -37,13 +37,13 @@ def _text(n: int, seed: int) -> bytes:
 
 
 def bench_layers() -> list[Layer]:
-    base: Layer = [Dir("opt"), Dir("opt/bin"), Dir("usr/share/doc")]
+    base: list[Entry] = [Dir("opt"), Dir("opt/bin"), Dir("usr/share/doc")]
     base += [File(f"opt/bin/tool{i}", os.urandom(2 * MB), mode=0o755) for i in range(12)]
     base += [File(f"usr/share/doc/doc{i}.txt", _text(MB, i)) for i in range(4)]
-    middle: Layer = [Dir("srv/app")]
+    middle: list[Entry] = [Dir("srv/app")]
     middle += [File(f"srv/app/mod{i}.py", _text(MB, 100 + i)) for i in range(12)]
     middle += [File(f"srv/app/data{i}.bin", os.urandom(2 * MB)) for i in range(4)]
-    top: Layer = [Whiteout("opt/bin/tool0"), Whiteout("usr/share/doc/doc3.txt")]
+    top: list[Entry] = [Whiteout("opt/bin/tool0"), Whiteout("usr/share/doc/doc3.txt")]
     top += [File(f"srv/app/model{i}.bin", os.urandom(2 * MB)) for i in range(8)]
     top += [File(f"srv/app/log{i}.txt", _text(MB, 200 + i)) for i in range(6)]
     return [base, middle, top]

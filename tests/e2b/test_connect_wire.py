@@ -16,7 +16,9 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from .conftest import HostEnvd, start_host_envd
+from tests.hostenvd import HostEnvd
+
+from .conftest import start_host_envd
 
 STREAM = "application/connect+json"
 
@@ -485,10 +487,10 @@ def test_file_metadata_is_user_e2b_xattrs(host_envd: HostEnvd) -> None:
     assert "metadata" not in plain.json()[0]
     assert "metadata" not in unary(host_envd, f"{fs}/Stat", {"path": "meta/a.txt"}).json()["entry"]
     # bad input: 400, nothing written
-    bad_headers: list[dict[str, bytes]] = [
-        {"X-Metadata-": b"empty key"},
-        {"X-Metadata-good": "caf\u00e9".encode("latin-1")},
-        {"X-Metadata-big": b"v" * 4000},
+    bad_headers: list[dict[bytes, bytes]] = [
+        {b"X-Metadata-": b"empty key"},
+        {b"X-Metadata-good": "caf\u00e9".encode("latin-1")},
+        {b"X-Metadata-big": b"v" * 4000},
     ]
     for bad in bad_headers:
         refused = httpx.post(

@@ -92,10 +92,9 @@ def test_not_root_fails_with_the_fix(short_tmp: Path, monkeypatch: pytest.Monkey
     # checkout (and its .venv) under a root-only directory, which is where CI clones.
     from click.testing import CliRunner
 
-    from backend.image import builder
     from tui.cli import main
 
-    monkeypatch.setattr(builder.os, "geteuid", lambda: 65534)
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)  # the builder's root check
     env = {
         "WRENN_DATA_DIR": str(short_tmp / "data"),
         "WRENN_CACHE_DIR": str(short_tmp / "c"),

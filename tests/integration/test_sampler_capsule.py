@@ -46,7 +46,8 @@ async def test_allocation_shows_within_two_ticks_and_goes_away(manager: CapsuleM
         deadline = time.monotonic() + 30
         while True:
             balloon = await manager.balloon_stats(capsule.id)
-            if balloon is not None and balloon.actual >= capsule.memory_mib << 20:
+            actual = balloon.actual if balloon is not None else None
+            if actual is not None and actual >= capsule.memory_mib << 20:
                 break
             assert time.monotonic() < deadline, f"the balloon did not deflate: {balloon}"
             await asyncio.sleep(0.2)

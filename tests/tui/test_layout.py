@@ -108,13 +108,13 @@ async def test_80x24_shows_both_sparklines_with_values_and_resizing_keeps_select
                 value = table.get_cell(capsule_id, spec.key)
                 assert isinstance(value, Text)
                 assert value.cell_len <= spec.width, (spec.key, value.plain)
-        for capsule_id, mem, cpu in zip(
+        for capsule_id, mem_text, cpu_text in zip(
             ids, ("118M/240M", "420M/240M", "60.0M/240M"), ("12%", "97%", "3%"), strict=True
         ):
             mem_cell = table.get_cell(capsule_id, "mem").plain
             cpu_cell = table.get_cell(capsule_id, "cpu").plain
             assert sum(ch in BLOCKS for ch in mem_cell) == narrow.spark
-            assert mem_cell.endswith(mem) and cpu_cell.strip().endswith(cpu)
+            assert mem_cell.endswith(mem_text) and cpu_cell.strip().endswith(cpu_text)
         # the screen shows it: the widest row still ends inside 80 columns
         assert table.virtual_size.width <= table.size.width
         await pilot.resize_terminal(200, 30)

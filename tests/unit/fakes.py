@@ -6,8 +6,9 @@ QEMU; these make a failed migration, a dead VMM or a refused /init take millisec
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -132,15 +133,17 @@ class FakeRuntime:
         return self._new(config)
 
     async def restore(
-        self, config: VMConfig, device_state: Path, ready: Coroutine[Any, Any, None]
+        self, config: VMConfig, device_state: Path, ready: Awaitable[None] | None = None
     ) -> VM:
         try:
             self.faults.hit("restore")
         except BaseException:
-            ready.close()
+            if inspect.iscoroutine(ready):
+                ready.close()  # never awaited: say so to Python, not as a warning
             raise
         vm = self._new(config)
-        await ready
+        if ready is not None:
+            await ready
         return vm
 
     def attach(self, config: VMConfig, pid: int | None) -> VM | None:
