@@ -71,6 +71,9 @@ class VMConfig:
     agent_disk: Path | None = None
     """The image's read-only agent disk (envd, its Python, PID 1), attached after the capsule's
     disk; None for an image built before agent disks (its snapshots have no such device)."""
+    ram_private_base: str | None = None
+    """When set, guest RAM is a private (copy-on-write) mapping of this file instead of the
+    shared `ram_file`: a sealed template memfd (backend/capsules/ramdiff.py, issue 21 spike)."""
 
     @property
     def qmp_socket(self) -> Path:

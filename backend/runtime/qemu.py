@@ -107,7 +107,7 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "-append",
         " ".join(append),
         "-object",
-        f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={c.ram_file},share=on",
+        _memory_backend(c),
         # auto-read-only=off: QEMU keeps the descriptor it opened (as the agent) for the life
         # of the VM; with it on, a pause's block inactivation re-opens the overlay by path,
         # which QEMU's own user cannot reach
@@ -152,6 +152,15 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         # `ip netns exec` execs QEMU in place: the pid stays QEMU's
         argv = ["ip", "netns", "exec", c.netns, *argv]
     return argv
+
+
+def _memory_backend(c: VMConfig) -> str:
+    """Guest RAM: the capsule's shared file, or a private mapping of a template's sealed
+    memfd (`ram_private_base`; its pages stay shared until the guest writes them)."""
+    if c.ram_private_base is not None:
+        path = c.ram_private_base.replace(",", ",,")
+        return f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={path},share=off"
+    return f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={c.ram_file},share=on"
 
 
 def _agent_drive(c: VMConfig) -> list[str]:
