@@ -36,7 +36,6 @@ from backend.capsules.envd_client import EnvdClient
 from backend.capsules.ramdiff import FilterStats, TemplateRam, save_diff
 from backend.capsules.snapshots import DEVICE_STATE, DISK, RAM, SnapshotManifest
 from backend.config import default_paths
-from backend.runtime.accel import detect_accel
 from backend.runtime.base import VMConfig
 from backend.runtime.ports import free_port
 from backend.runtime.qemu import QemuRuntime, QemuVM
@@ -236,8 +235,8 @@ async def _timed_restore_check(clone: Clone) -> float:
 async def run(counts: list[int], idle_s: float) -> dict[str, Any]:
     paths = default_paths()
     image = paths.images / "default"
-    runtime = QemuRuntime(detect_accel())
-    snap = template_snapshot(image, runtime.accel)
+    snap = template_snapshot(image, "tcg")
+    runtime = QemuRuntime(snap.accel)
     root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
     template = TemplateRam.from_file(snap.directory / RAM)
     out: dict[str, Any] = {"memory_mib": MEMORY_MIB, "accel": runtime.accel}
