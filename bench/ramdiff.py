@@ -7,10 +7,11 @@ Prints one JSON line. For each N and each way ("memfd": private mappings of the 
 template; "today": a private sparse copy of the template's RAM in a share=on file, as warm
 create does now): N clones restored from the default image's template snapshot, idle for
 `--idle` s, then host memory per clone as the drop in MemAvailable (host caches dropped before
-each reading) and as the sum of the QEMUs' Pss (plus, today, the unmapped part of their RAM
-files). Then one idle clone paused both ways: the filtered diff vs the full stream it came from
-vs today's snapshot (RAM file allocation + device state), the filter's throughput, and the
-restore time from the diff to envd healthy.
+each reading; noisy on a shared machine) and as what the clones account for (each QEMU's
+anonymous memory, plus the template memfd once or, today, every clone's RAM file). Then one
+idle clone paused both ways: the filtered diff vs the full stream it came from vs today's
+snapshot (RAM file allocation + device state), the filter's throughput, and the restore time
+from the diff to envd healthy.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from backend.config import default_paths
 from backend.runtime.base import VMConfig
 from backend.runtime.ports import free_port
 from backend.runtime.qemu import QemuRuntime, QemuVM
-from bench.density import _mapped_bytes, _mem_available, _smaps_rollup
+from bench.density import _mem_available, _smaps_rollup
 
 MIB = 1 << 20
 MEMORY_MIB = 256
@@ -122,13 +123,14 @@ async def start_clone(
     return Clone(vm, config, envd)
 
 
-def _accounted(clone: Clone) -> int:
-    roll = _smaps_rollup(clone.vm.pid)
-    if clone.config.ram_private_base is not None:
-        return roll["Pss"]
-    ram = clone.config.ram_file
-    unmapped = max(0, ram.stat().st_blocks * 512 - _mapped_bytes(clone.vm.pid, ram))
-    return roll["Pss"] + unmapped
+def _accounted(clones: list[Clone], template: TemplateRam | None) -> int:
+    """Host bytes the clones hold, whatever else runs on the machine: each QEMU's anonymous
+    memory (its heap, TCG's translation cache, and a memfd clone's copied-on-write pages) plus
+    the guest RAM held in files: the template memfd once, or (today) every clone's RAM file."""
+    anon = sum(_smaps_rollup(c.vm.pid)["Anonymous"] for c in clones)
+    if template is not None:
+        return anon + template.allocated_bytes()
+    return anon + sum(sparse.allocated_bytes(c.config.ram_file) for c in clones)
 
 
 async def _density(
@@ -148,12 +150,13 @@ async def _density(
             clones.append(await start_clone(runtime, config, snap))
         await asyncio.sleep(idle_s)
         after = _mem_available()
-        pss = [_accounted(c) for c in clones]
-        rss = [_smaps_rollup(c.vm.pid)["Rss"] for c in clones]
+        rolls = [_smaps_rollup(c.vm.pid) for c in clones]
         return {
             "host_mib_per_clone": round((before - after) / n / MIB, 1),
-            "pss_mib_per_clone": round(sum(pss) / n / MIB, 1),
-            "qemu_rss_mib": round(statistics.mean(rss) / MIB, 1),
+            "accounted_mib_per_clone": round(_accounted(clones, template) / n / MIB, 1),
+            "qemu_anon_mib": round(statistics.mean(r["Anonymous"] for r in rolls) / MIB, 1),
+            "qemu_pss_mib": round(statistics.mean(r["Pss"] for r in rolls) / MIB, 1),
+            "qemu_rss_mib": round(statistics.mean(r["Rss"] for r in rolls) / MIB, 1),
         }
     finally:
         for c in clones:
@@ -200,7 +203,7 @@ async def _pause_sizes(
     full = root / "diff" / "full.state"
     clone = await start_clone(runtime, config, snap, state=diff)
     try:
-        out["restore_s"] = round(await _timed_restore_check(clone), 3)
+        out["first_exec_after_restore_s"] = round(await _timed_restore_check(clone), 3)
         await clone.vm.stop()
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         async with clone.vm.session():
