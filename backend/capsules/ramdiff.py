@@ -45,12 +45,11 @@ import errno
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from backend import sparse
 from backend.runtime.qemu import MIGRATION_BANDWIDTH, MIGRATION_FD
@@ -104,14 +103,23 @@ class TemplateRam:
     """A template's guest RAM in a sealed memfd, owned by this (the agent's) process.
 
     `mem_path` is what a clone's QEMU gets as `mem-path` (with `share=off`); QEMU opens it
-    before dropping privileges (`-runas`). `view` is a read-only mapping for the filter.
+    before dropping privileges (`-runas`). Its pages are read with pread (`template[a:b]`),
+    never through a mapping: a fault on a hole of a memfd allocates a zero page in it, where a
+    read() of a hole allocates nothing (checksumming through an mmap grew the template from
+    102 to 256 MiB).
     """
 
     def __init__(self, fd: int, size: int, sha256: str) -> None:
         self.fd = fd
         self.size = size
         self.sha256 = sha256
-        self.view = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> bytes:
+        start, stop, _ = span.indices(self.size)
+        return os.pread(self.fd, max(0, stop - start), start)
 
     @classmethod
     def from_file(cls, ram_file: Path, name: str = "wrenn-template") -> TemplateRam:
@@ -147,11 +155,21 @@ class TemplateRam:
 
     def checksum(self) -> str:
         """sha256 of the whole content (holes read as zeros)."""
-        return hashlib.sha256(self.view).hexdigest()
+        digest = hashlib.sha256()
+        for offset in range(0, self.size, 1 << 20):
+            digest.update(self[offset : offset + (1 << 20)])
+        return digest.hexdigest()
 
     def close(self) -> None:
-        self.view.close()
         os.close(self.fd)
+
+
+class PageSource(Protocol):
+    """The template's RAM as the filter reads it: bytes, an mmap, or a TemplateRam."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, span: slice, /) -> bytes: ...
 
 
 # -- the stream filter -------------------------------------------------------------------------
@@ -248,7 +266,7 @@ class _Writer:
 
 
 class _Filter:
-    def __init__(self, src: BinaryIO, dst: BinaryIO, base: bytes | mmap.mmap, block: bytes):
+    def __init__(self, src: BinaryIO, dst: BinaryIO, base: PageSource, block: bytes):
         self.r = _Reader(src)
         self.w = _Writer(dst)
         self.base = base
@@ -446,7 +464,7 @@ class _Filter:
 
 
 def filter_stream(
-    src: BinaryIO, dst: BinaryIO, base: bytes | mmap.mmap, block: bytes = TEMPLATE_BLOCK
+    src: BinaryIO, dst: BinaryIO, base: PageSource, block: bytes = TEMPLATE_BLOCK
 ) -> FilterStats:
     """Copy QEMU 7.2's migration stream from `src` to `dst`, dropping PAGE records of `block`
     equal to `base` at the same offset. StreamError when the stream is truncated or corrupt
@@ -454,7 +472,7 @@ def filter_stream(
     return _Filter(src, dst, base, block).run()
 
 
-def filter_file(src: Path, dst: Path, base: bytes | mmap.mmap) -> FilterStats:
+def filter_file(src: Path, dst: Path, base: PageSource) -> FilterStats:
     """`filter_stream` between files; `dst` is removed when the stream is bad."""
     try:
         with src.open("rb") as fin, dst.open("wb") as fout:
@@ -467,7 +485,7 @@ def filter_file(src: Path, dst: Path, base: bytes | mmap.mmap) -> FilterStats:
 # -- with a running QEMU -----------------------------------------------------------------------
 
 
-def _filter_fd(read_fd: int, dest: Path, base: bytes | mmap.mmap) -> FilterStats:
+def _filter_fd(read_fd: int, dest: Path, base: PageSource) -> FilterStats:
     with os.fdopen(read_fd, "rb", buffering=0) as fin:
         try:
             with dest.open("wb") as fout:
@@ -496,9 +514,7 @@ async def save_diff(vm: QemuVM, dest: Path, template: TemplateRam) -> FilterStat
             finally:
                 os.close(write_fd)
             fd, read_fd = read_fd, -1
-            filtering = asyncio.ensure_future(
-                asyncio.to_thread(_filter_fd, fd, dest, template.view)
-            )
+            filtering = asyncio.ensure_future(asyncio.to_thread(_filter_fd, fd, dest, template))
             await vm.migrate("migrate", {"uri": f"fd:{MIGRATION_FD}"}, "saving a RAM diff")
         return await filtering
     except BaseException:
