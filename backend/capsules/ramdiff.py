@@ -52,10 +52,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from backend import sparse
-from backend.runtime.qemu import MIGRATION_BANDWIDTH, MIGRATION_FD
 
 if TYPE_CHECKING:
-    from backend.runtime.qemu import QemuVM
+    from backend.runtime.base import VM
 
 PAGE_SIZE = 4096
 """x86's TARGET_PAGE_SIZE: the unit of RAM records."""
@@ -498,28 +497,28 @@ def _filter_fd(read_fd: int, dest: Path, base: PageSource) -> FilterStats:
             raise
 
 
-async def save_diff(vm: QemuVM, dest: Path, template: TemplateRam) -> FilterStats:
-    """Pause `vm` (a clone of `template`) into `dest`: QMP `stop`, then a migration into a
-    pipe whose other end the filter reads. The VM stays stopped. StreamError/MigrationFailed
-    leave no `dest` behind."""
+async def save_diff(vm: VM, dest: Path, template: TemplateRam) -> FilterStats:
+    """Pause `vm` (a clone of `template`) into `dest`: stop it, then migrate it into a pipe
+    whose other end the filter reads. The VM stays stopped. StreamError/MigrationFailed leave
+    no `dest` behind."""
     read_fd, write_fd = os.pipe()
     filtering: asyncio.Future[FilterStats] | None = None
     try:
         async with vm.session():
             await vm.stop()
-            await vm.set_migration_capabilities()
-            await vm.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
-            try:
-                await vm.pass_fd(write_fd, MIGRATION_FD)
-            finally:
-                os.close(write_fd)
             fd, read_fd = read_fd, -1
             filtering = asyncio.ensure_future(asyncio.to_thread(_filter_fd, fd, dest, template))
-            await vm.migrate("migrate", {"uri": f"fd:{MIGRATION_FD}"}, "saving a RAM diff")
+            try:
+                await vm.save_to_fd(write_fd, "saving a RAM diff")
+            finally:
+                # QEMU holds its own copy: the filter sees EOF when QEMU is done with it
+                os.close(write_fd)
+                write_fd = -1
         return await filtering
     except BaseException:
+        if write_fd >= 0:
+            os.close(write_fd)
         if filtering is not None:
-            # QEMU closes its end when the migration ends either way: the filter sees EOF
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(filtering, 30)
         dest.unlink(missing_ok=True)

@@ -138,6 +138,11 @@ class VM(Protocol):
         """Save the device state of a stopped VM (RAM stays in the RAM file)."""
         ...
 
+    async def save_to_fd(self, fd: int, what: str) -> None:
+        """Migrate a stopped VM into the open descriptor `fd` (the caller keeps and closes its
+        copy): device state, plus every RAM block that is not a shared file."""
+        ...
+
     async def balloon_stats(self) -> BalloonStats: ...
 
     async def balloon_actual(self) -> int:

@@ -259,14 +259,22 @@ class QemuVM:
         if self._qmp is None:
             async with self.session():
                 return await self.snapshot_create(device_state)
-        await self.set_migration_capabilities()
-        await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
         fd = os.open(device_state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            await self.pass_fd(fd, MIGRATION_FD)
+            await self.save_to_fd(fd, "saving device state")
         finally:
             os.close(fd)
-        await self.migrate("migrate", {"uri": f"fd:{MIGRATION_FD}"}, "saving device state")
+
+    async def save_to_fd(self, fd: int, what: str) -> None:
+        """Migrate (a stopped VM) into `fd`, which QEMU gets a copy of (`getfd`): a file, or
+        a pipe whose reader filters the stream (backend/capsules/ramdiff.py)."""
+        if self._qmp is None:
+            async with self.session():
+                return await self.save_to_fd(fd, what)
+        await self.set_migration_capabilities()
+        await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+        await self.pass_fd(fd, MIGRATION_FD)
+        await self.migrate("migrate", {"uri": f"fd:{MIGRATION_FD}"}, what)
 
     async def set_migration_capabilities(self) -> None:
         """Device state only (guest RAM is the shared file, copied by the agent), and MIGRATION
