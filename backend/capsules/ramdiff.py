@@ -41,12 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -265,10 +269,19 @@ class _Writer:
 
 
 class _Filter:
-    def __init__(self, src: BinaryIO, dst: BinaryIO, base: PageSource, block: bytes):
+    def __init__(
+        self,
+        src: BinaryIO,
+        dst: BinaryIO,
+        base: PageSource,
+        block: bytes,
+        sink: Callable[[int, bytes], None] | None = None,
+    ):
         self.r = _Reader(src)
         self.w = _Writer(dst)
         self.base = base
+        self.sink = sink
+        """When set, every record of `block` goes to it (offset, 4 KiB) instead of the output."""
         self.block = block
         self.stats = FilterStats()
         self.ignore_shared = False
@@ -403,6 +416,13 @@ class _Filter:
             if kind == RAM_SAVE_FLAG_ZERO:
                 data = r.read(1, "zero page")
                 self.stats.zero_records += 1
+                if block == self.block and self.sink is not None:
+                    self.sink(addr, data * PAGE_SIZE)
+                    continue
+            elif block == self.block and self.sink is not None:
+                self.stats.pages += 1
+                self.sink(addr, r.read(PAGE_SIZE, "RAM page"))
+                continue
             else:
                 data = r.read(PAGE_SIZE, "RAM page")
                 if block == self.block:
@@ -469,6 +489,50 @@ def filter_stream(
     equal to `base` at the same offset. StreamError when the stream is truncated or corrupt
     (whatever was written to `dst` then is not a usable stream: the caller discards it)."""
     return _Filter(src, dst, base, block).run()
+
+
+def split_to_ram_file(src: BinaryIO, state: Path, ram_file: Path, template: TemplateRam) -> None:
+    """Turn a clone's diff back into today's snapshot format: `ram_file` becomes a sparse copy
+    of the template with the diff's pages of `mem0` written over it, and `state` the stream
+    without any `mem0` record (what `x-ignore-shared` saves for a share=on RAM file). For a
+    template made from a clone, or a clone leaving the shared template. Both files are removed
+    when the stream is bad."""
+    fd = os.open(ram_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, template.size)
+        for offset in range(0, template.size, 1 << 20):
+            chunk = template[offset : offset + (1 << 20)]
+            if chunk.count(0) != len(chunk):
+                os.pwrite(fd, chunk, offset)
+
+        def put(addr: int, page: bytes) -> None:
+            if page.count(0) == PAGE_SIZE:
+                # a hole reads as zeros; never allocate a page for it
+                if template[addr : addr + PAGE_SIZE].count(0) != PAGE_SIZE:
+                    _punch(fd, addr, PAGE_SIZE)
+            else:
+                os.pwrite(fd, page, addr)
+
+        with state.open("wb") as out:
+            _Filter(src, out, template, TEMPLATE_BLOCK, sink=put).run()
+    except BaseException:
+        state.unlink(missing_ok=True)
+        ram_file.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc.fallocate
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    if _fallocate()(fd, 0x01 | 0x02, offset, length) != 0:  # KEEP_SIZE | PUNCH_HOLE
+        os.pwrite(fd, bytes(length), offset)
 
 
 def filter_file(src: Path, dst: Path, base: PageSource) -> FilterStats:

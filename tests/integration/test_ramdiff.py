@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from backend.capsules.manager import CapsuleManager
-from backend.capsules.ramdiff import TemplateRam, save_diff
+from backend.capsules.ramdiff import TemplateRam, save_diff, split_to_ram_file
 from backend.capsules.snapshots import RAM, SnapshotManifest
 from backend.runtime.qemu import QemuRuntime, qemu_user
 from bench.ramdiff import Clone, clone_config, start_clone
@@ -129,3 +130,31 @@ async def test_discards_in_one_clone_change_neither_the_template_nor_another_clo
     finally:
         for clone in clones:
             await clone.stop()
+
+
+async def test_a_diff_turned_back_into_a_ram_file_restores_the_todays_way(
+    manager: CapsuleManager,
+    template: tuple[SnapshotManifest, TemplateRam],
+    short_tmp: Path,
+) -> None:
+    """The way out of the shared template (a template made from a clone, a fallback): the
+    diff split into a full RAM file plus a device state restores as capsules start today."""
+    snap, ram = template
+    runtime = _runtime(manager)
+    image = manager.paths.image_dir("default")
+    config = clone_config(image, snap, short_tmp / "clone", ram)
+    clone = await start_clone(runtime, config, snap)
+    try:
+        await clone.sh("echo split > /root/marker && sync")
+        want = (await clone.sh(DATA)).split()[0]
+        diff = short_tmp / "diff"
+        await save_diff(clone.vm, diff, ram)
+        await clone.stop()
+        today = replace(config, ram_private_base=None)
+        with diff.open("rb") as src:
+            split_to_ram_file(src, short_tmp / "split.state", today.ram_file, ram)
+        clone = await start_clone(runtime, today, snap, state=short_tmp / "split.state")
+        assert (await clone.sh("cat /root/marker")).strip() == "split"
+        assert (await clone.sh("sha256sum /root/data")).split()[0] == want
+    finally:
+        await clone.stop()

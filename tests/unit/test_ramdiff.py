@@ -336,3 +336,33 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def test_split_turns_a_diff_into_a_ram_file_and_a_stream_without_mem0(tmp_path: Path) -> None:
+    base_file = tmp_path / "template"
+    base_file.write_bytes(BASE)
+    template = TemplateRam.from_file(base_file)
+    try:
+        changed = b"\xaa" * PAGE_SIZE
+        full = stream(
+            [
+                page(0, changed, b"mem0"),
+                zero(PAGE_SIZE, None),
+                page(0, b"\x07" * PAGE_SIZE, b"pc.bios"),
+                page(5 * PAGE_SIZE, base_page(5), b"mem0"),
+            ]
+        )
+        state, ram = tmp_path / "state", tmp_path / "mem"
+        ramdiff.split_to_ram_file(io.BytesIO(full), state, ram, template)
+        mem0, rom = load(full)
+        assert ram.read_bytes() == mem0
+        # the page zeroed by the diff is a hole, not a page of zeros
+        assert ram.stat().st_blocks * 512 <= len(BASE) - PAGE_SIZE
+        # the state has no record of mem0 left, and still restores the ROM
+        left_mem0, left_rom = load(state.read_bytes())
+        assert left_mem0 == BASE and left_rom == rom == b"\x07" * PAGE_SIZE
+        with pytest.raises(StreamError):
+            ramdiff.split_to_ram_file(io.BytesIO(full[:-3]), state, ram, template)
+        assert not state.exists() and not ram.exists()
+    finally:
+        template.close()
