@@ -40,7 +40,6 @@ a complete VM description: a truncated stream is an error, never a silently shor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -579,13 +578,20 @@ async def save_diff(vm: VM, dest: Path, template: TemplateRam) -> FilterStats:
                 os.close(write_fd)
                 write_fd = -1
         return await filtering
-    except BaseException:
+    except Exception as exc:
         if write_fd >= 0:
             os.close(write_fd)
+        cause: BaseException | None = None
         if filtering is not None:
-            with contextlib.suppress(BaseException):
+            try:
                 await asyncio.wait_for(filtering, 30)
+            except Exception as filter_error:
+                cause = filter_error
         dest.unlink(missing_ok=True)
+        if isinstance(cause, StreamError) and cause is not exc:
+            # the filter stopped reading first (QEMU then failed on a broken pipe): its
+            # message is the one that says what is wrong
+            raise cause from exc
         raise
     finally:
         if read_fd >= 0:

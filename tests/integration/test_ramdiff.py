@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from backend.capsules.manager import CapsuleManager
-from backend.capsules.ramdiff import TemplateRam, save_diff, split_to_ram_file
+from backend.capsules.ramdiff import StreamError, TemplateRam, save_diff, split_to_ram_file
 from backend.capsules.snapshots import RAM, SnapshotManifest
 from backend.runtime.qemu import QemuRuntime, qemu_user
 from bench.ramdiff import Clone, clone_config, start_clone
@@ -164,4 +164,30 @@ async def test_a_diff_turned_back_into_a_ram_file_restores_the_todays_way(
         assert (await clone.sh("cat /root/marker")).strip() == "split"
         assert (await clone.sh("sha256sum /root/data")).split()[0] == want
     finally:
+        await clone.stop()
+
+
+async def test_a_diff_against_the_wrong_template_is_a_clear_error_and_the_clone_runs_on(
+    manager: CapsuleManager,
+    template: tuple[SnapshotManifest, TemplateRam],
+    short_tmp: Path,
+) -> None:
+    snap, ram = template
+    runtime = _runtime(manager)
+    image = manager.paths.image_dir("default")
+    wrong_file = short_tmp / "wrong.mem"
+    with wrong_file.open("wb") as f:
+        f.truncate(128 << 20)
+    wrong = TemplateRam.from_file(wrong_file)
+    clone = await start_clone(runtime, clone_config(image, snap, short_tmp / "clone", ram), snap)
+    try:
+        diff = short_tmp / "diff"
+        with pytest.raises(StreamError, match="the template"):
+            await save_diff(clone.vm, diff, wrong)
+        assert not diff.exists()
+        # the failed save left the VM stopped and whole: it runs again
+        await clone.vm.cont()
+        assert (await clone.sh("echo alive")).strip() == "alive"
+    finally:
+        wrong.close()
         await clone.stop()
