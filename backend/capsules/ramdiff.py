@@ -560,15 +560,19 @@ def _filter_fd(read_fd: int, dest: Path, base: PageSource) -> FilterStats:
             raise
 
 
-async def save_diff(vm: VM, dest: Path, template: TemplateRam) -> FilterStats:
+async def save_diff(
+    vm: VM, dest: Path, template: TemplateRam, *, live: bool = False
+) -> FilterStats:
     """Pause `vm` (a clone of `template`) into `dest`: stop it, then migrate it into a pipe
     whose other end the filter reads. The VM stays stopped. StreamError/MigrationFailed leave
-    no `dest` behind."""
+    no `dest` behind. `live`: migrate while the guest runs (QEMU stops it at the end), which
+    free-page hinting needs (the guest reports its free pages during the migration)."""
     read_fd, write_fd = os.pipe()
     filtering: asyncio.Future[FilterStats] | None = None
     try:
         async with vm.session():
-            await vm.stop()
+            if not live:
+                await vm.stop()
             fd, read_fd = read_fd, -1
             filtering = asyncio.ensure_future(asyncio.to_thread(_filter_fd, fd, dest, template))
             try:

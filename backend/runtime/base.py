@@ -71,6 +71,10 @@ class VMConfig:
     agent_disk: Path | None = None
     """The image's read-only agent disk (envd, its Python, PID 1), attached after the capsule's
     disk; None for an image built before agent disks (its snapshots have no such device)."""
+    free_page_hint: bool = False
+    """Balloon with free-page hinting (an iothread): during a live migration the guest reports
+    free pages and QEMU leaves them out of the stream (issue 21 spike; changes the device, so
+    a snapshot restores only into a VM with the same setting)."""
     ram_private_base: str | None = None
     """When set, guest RAM is a private (copy-on-write) mapping of this file instead of the
     shared `ram_file`: a sealed template memfd (backend/capsules/ramdiff.py, issue 21 spike)."""

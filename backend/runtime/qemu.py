@@ -121,8 +121,7 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         netdev,
         "-device",
         "virtio-net-device,netdev=n0",
-        "-device",
-        "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on",
+        *_balloon(c),
         "-device",
         "virtio-rng-device",
         "-qmp",
@@ -161,6 +160,18 @@ def _memory_backend(c: VMConfig) -> str:
         path = c.ram_private_base.replace(",", ",,")
         return f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={path},share=off"
     return f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={c.ram_file},share=on"
+
+
+def _balloon(c: VMConfig) -> list[str]:
+    device = "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
+    if not c.free_page_hint:
+        return ["-device", device]
+    return [
+        "-object",
+        "iothread,id=balloon-io",
+        "-device",
+        f"{device},free-page-hint=on,iothread=balloon-io",
+    ]
 
 
 def _agent_drive(c: VMConfig) -> list[str]:
