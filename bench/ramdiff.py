@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,53 @@ def template_snapshot(image: Path, accel: str) -> SnapshotManifest:
     return snap
 
 
+@dataclass(frozen=True)
+class TemplateFiles:
+    """A template snapshot made here (build_hint_template): the SnapshotManifest fields the
+    clones need."""
+
+    directory: Path
+    envd_token: str
+    memory_mib: int = MEMORY_MIB
+    vcpus: int = 1
+    accel: str = "tcg"
+
+
+Snap = SnapshotManifest | TemplateFiles
+
+
+async def build_hint_template(runtime: QemuRuntime, image: Path, work: Path) -> TemplateFiles:
+    """Cold-boot the image with free-page hinting on and save it the way a template snapshot
+    is saved (page cache dropped, device state with x-ignore-shared, RAM file, disk). The
+    built-in templates lack the hinting device, and a snapshot only restores into the same
+    devices."""
+    token = secrets.token_hex(12)
+    snap = TemplateFiles(work / "template", token, accel=runtime.accel)
+    snap.directory.mkdir(mode=0o700, parents=True)
+    config = replace(
+        clone_config(image, snap, work / "cold", None),
+        free_page_hint=True,
+        metadata_json=json.dumps({"instanceID": "cl-hint", "accessToken": token}),
+    )
+    await make_overlay(image / "rootfs.ext4", config.disk)
+    sparse.create_holes(config.ram_file, MEMORY_MIB << 20)
+    vm = await runtime.create(config)
+    try:
+        async with EnvdClient(f"http://127.0.0.1:{config.host_port}", token=token) as envd:
+            await envd.wait_healthy(300, vm.alive)
+            await asyncio.sleep(3)
+            await envd.snapshot_prepare()
+        await vm.stop()
+        await vm.snapshot_create(snap.directory / DEVICE_STATE)
+        sparse.sparse_copy(config.ram_file, snap.directory / RAM, fsync=False)
+        shutil.copyfile(config.disk, snap.directory / DISK)
+    finally:
+        vm.kill()
+        await vm.wait_exit(10)
+        shutil.rmtree(work / "cold", ignore_errors=True)
+    return snap
+
+
 @dataclass
 class Clone:
     vm: QemuVM
@@ -71,9 +118,7 @@ class Clone:
         await self.envd.aclose()
 
 
-def clone_config(
-    image: Path, snap: SnapshotManifest, work: Path, template: TemplateRam | None
-) -> VMConfig:
+def clone_config(image: Path, snap: Snap, work: Path, template: TemplateRam | None) -> VMConfig:
     """A clone's VM: RAM a private mapping of `template`, or (None) today's shared RAM file
     `work/mem`. Its disk is `work/disk.qcow2` (an overlay on the snapshot's disk)."""
     work.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -98,7 +143,7 @@ def clone_config(
 async def start_clone(
     runtime: QemuRuntime,
     config: VMConfig,
-    snap: SnapshotManifest,
+    snap: Snap,
     state: Path | None = None,
 ) -> Clone:
     """Restore `config`'s VM from the template's device state (a new clone: disk overlay made,

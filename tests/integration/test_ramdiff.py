@@ -27,6 +27,7 @@ pytestmark = pytest.mark.vm
 MEMORY_MIB = 256
 DATA = "head -c 16M /dev/urandom > /root/data && sync && sha256sum /root/data"
 # files from the template's page cache: a clone reads them from pages shared with the template
+BURST = "b = bytearray(100 << 20); b[::4096] = b'x' * (len(b) // 4096)"
 SHARED_READ = "cat /proc/meminfo >/dev/null; sha256sum /usr/bin/* 2>/dev/null | sha256sum"
 
 
@@ -117,7 +118,7 @@ async def test_discards_in_one_clone_change_neither_the_template_nor_another_clo
         b_read = await b.sh(SHARED_READ)
         await a.sh("echo only-in-a > /dev/shm/mark")
         # a burst of memory in A, freed: free-page reporting hands it back to QEMU
-        await a.sh("python3 -c \"b = bytearray(100 << 20); b[::4096] = b'x' * (len(b) // 4096)\"")
+        await a.sh(f'python3 -c "{BURST}"')
         await asyncio.sleep(6)
         # and a balloon inflation: QEMU discards every page the guest gives it
         await a.vm.balloon_set(128 << 20)
