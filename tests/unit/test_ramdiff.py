@@ -366,3 +366,34 @@ def test_split_turns_a_diff_into_a_ram_file_and_a_stream_without_mem0(tmp_path: 
         assert not state.exists() and not ram.exists()
     finally:
         template.close()
+
+
+def test_build_argv_maps_a_private_base_share_off_and_leaves_the_default_alone(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from backend.runtime.base import VMConfig
+    from backend.runtime.qemu import build_argv
+
+    config = VMConfig(
+        capsule_id="c1",
+        run_dir=tmp_path,
+        kernel=tmp_path / "vmlinux",
+        initrd=tmp_path / "initrd",
+        disk=tmp_path / "disk.qcow2",
+        ram_file=tmp_path / "mem",
+        memory_mib=256,
+        vcpus=1,
+        host_port=1234,
+        metadata_json="{}",
+    )
+    default = build_argv(config)
+    assert f"memory-backend-file,id=mem0,size=256M,mem-path={tmp_path}/mem,share=on" in default
+    balloon = "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
+    assert balloon in default and not any("iothread" in a for a in default)
+    private = build_argv(replace(config, ram_private_base="/proc/1/fd/7"))
+    assert "memory-backend-file,id=mem0,size=256M,mem-path=/proc/1/fd/7,share=off" in private
+    assert not any(str(tmp_path / "mem") in a for a in private)
+    hint = build_argv(replace(config, free_page_hint=True))
+    assert f"{balloon},free-page-hint=on,iothread=balloon-io" in hint
