@@ -71,6 +71,13 @@ class VMConfig:
     agent_disk: Path | None = None
     """The image's read-only agent disk (envd, its Python, PID 1), attached after the capsule's
     disk; None for an image built before agent disks (its snapshots have no such device)."""
+    free_page_hint: bool = False
+    """Balloon with free-page hinting (an iothread): during a live migration the guest reports
+    free pages and QEMU leaves them out of the stream (issue 21 spike; changes the device, so
+    a snapshot restores only into a VM with the same setting)."""
+    ram_private_base: str | None = None
+    """When set, guest RAM is a private (copy-on-write) mapping of this file instead of the
+    shared `ram_file`: a sealed template memfd (backend/capsules/ramdiff.py, issue 21 spike)."""
 
     @property
     def qmp_socket(self) -> Path:
@@ -133,6 +140,11 @@ class VM(Protocol):
 
     async def snapshot_create(self, device_state: Path) -> None:
         """Save the device state of a stopped VM (RAM stays in the RAM file)."""
+        ...
+
+    async def save_to_fd(self, fd: int, what: str) -> None:
+        """Migrate a stopped VM into the open descriptor `fd` (the caller keeps and closes its
+        copy): device state, plus every RAM block that is not a shared file."""
         ...
 
     async def balloon_stats(self) -> BalloonStats: ...

@@ -107,7 +107,7 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         "-append",
         " ".join(append),
         "-object",
-        f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={c.ram_file},share=on",
+        _memory_backend(c),
         # auto-read-only=off: QEMU keeps the descriptor it opened (as the agent) for the life
         # of the VM; with it on, a pause's block inactivation re-opens the overlay by path,
         # which QEMU's own user cannot reach
@@ -121,8 +121,7 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         netdev,
         "-device",
         "virtio-net-device,netdev=n0",
-        "-device",
-        "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on",
+        *_balloon(c),
         "-device",
         "virtio-rng-device",
         "-qmp",
@@ -152,6 +151,27 @@ def build_argv(config: VMConfig, incoming: bool = False) -> list[str]:
         # `ip netns exec` execs QEMU in place: the pid stays QEMU's
         argv = ["ip", "netns", "exec", c.netns, *argv]
     return argv
+
+
+def _memory_backend(c: VMConfig) -> str:
+    """Guest RAM: the capsule's shared file, or a private mapping of a template's sealed
+    memfd (`ram_private_base`; its pages stay shared until the guest writes them)."""
+    if c.ram_private_base is not None:
+        path = c.ram_private_base.replace(",", ",,")
+        return f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={path},share=off"
+    return f"memory-backend-file,id=mem0,size={c.memory_mib}M,mem-path={c.ram_file},share=on"
+
+
+def _balloon(c: VMConfig) -> list[str]:
+    device = "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
+    if not c.free_page_hint:
+        return ["-device", device]
+    return [
+        "-object",
+        "iothread,id=balloon-io",
+        "-device",
+        f"{device},free-page-hint=on,iothread=balloon-io",
+    ]
 
 
 def _agent_drive(c: VMConfig) -> list[str]:
@@ -250,14 +270,22 @@ class QemuVM:
         if self._qmp is None:
             async with self.session():
                 return await self.snapshot_create(device_state)
-        await self.set_migration_capabilities()
-        await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
         fd = os.open(device_state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            await self.pass_fd(fd, MIGRATION_FD)
+            await self.save_to_fd(fd, "saving device state")
         finally:
             os.close(fd)
-        await self.migrate("migrate", {"uri": f"fd:{MIGRATION_FD}"}, "saving device state")
+
+    async def save_to_fd(self, fd: int, what: str) -> None:
+        """Migrate (a stopped VM) into `fd`, which QEMU gets a copy of (`getfd`): a file, or
+        a pipe whose reader filters the stream (backend/capsules/ramdiff.py)."""
+        if self._qmp is None:
+            async with self.session():
+                return await self.save_to_fd(fd, what)
+        await self.set_migration_capabilities()
+        await self.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+        await self.pass_fd(fd, MIGRATION_FD)
+        await self.migrate("migrate", {"uri": f"fd:{MIGRATION_FD}"}, what)
 
     async def set_migration_capabilities(self) -> None:
         """Device state only (guest RAM is the shared file, copied by the agent), and MIGRATION

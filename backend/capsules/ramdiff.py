@@ -1,0 +1,602 @@
+"""Clone RAM shared with an immutable template, and pauses that save only what differs.
+
+SPIKE (issue 21): reusable pieces, not yet wired into the capsule manager.
+
+**The template** (`TemplateRam`): the template snapshot's guest RAM copied (sparsely) into a
+memfd, then sealed against every change (`F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW |
+F_SEAL_SEAL`). A clone's QEMU maps it privately (`memory-backend-file,share=off,
+mem-path=/proc/<agent pid>/fd/<n>`): pages it never writes stay shared with every other clone;
+a write copies that one page. QEMU 7.2 discards guest pages (free-page reporting, balloon) of
+a file-backed block by punching a hole in the *file*: on the sealed memfd that fails (EPERM),
+so a clone can never zero the template under the others.
+
+**The pause** (`filter_stream`): the clone's RAM block is not `share=on`, so a migration puts
+all of it in the stream. The filter copies QEMU 7.2's migration stream through unchanged except
+that a PAGE record of the template's block (`mem0`) whose 4 KiB equal the template's page at
+that offset is dropped; a following record that said CONTINUE ("same block as the last
+record") is rewritten to name its block when the record it followed was dropped. Restoring: a
+new QEMU whose mem0 is the same private mapping of the template loads the filtered stream;
+pages absent from it keep the template's content.
+
+The stream format is QEMU 7.2's (migration/savevm.c, migration/ram.c):
+
+    be32 magic "QEVM", be32 version 3
+    [0x07 configuration: be32 len, machine name, subsections (0x05 u8 len idstr be32 ver body)]
+    sections: 0x01 START / 0x04 FULL: be32 section id, u8 len idstr, be32 instance, be32 version
+              0x02 PART / 0x03 END:    be32 section id
+              each body followed by an optional footer 0x7e be32 section id
+    RAM body: records `be64 addr|flags`, flags in the low 12 bits:
+              MEM_SIZE 0x04 (block list: u8 len idstr, be64 used length[, be64 gpa if
+              x-ignore-shared]), ZERO 0x02 (+1 byte), PAGE 0x08 (+4096 bytes),
+              EOS 0x10 (end of body); ZERO/PAGE name their block (u8 len idstr) unless
+              CONTINUE 0x20 is set
+    0x00 EOF, then 0x06 VM description: be32 len, JSON
+
+Iterable (RAM) sections all come before the device sections (`FULL`), so from the first FULL
+section on the filter copies the rest through and checks that it ends with the EOF marker and
+a complete VM description: a truncated stream is an error, never a silently short file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from backend import sparse
+
+if TYPE_CHECKING:
+    from backend.runtime.base import VM
+
+PAGE_SIZE = 4096
+"""x86's TARGET_PAGE_SIZE: the unit of RAM records."""
+
+QEMU_VM_FILE_MAGIC = 0x5145564D
+QEMU_VM_FILE_VERSION = 3
+
+QEMU_VM_EOF = 0x00
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_COMMAND = 0x08
+QEMU_VM_SECTION_FOOTER = 0x7E
+
+RAM_SAVE_FLAG_FULL = 0x01
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
+FLAG_MASK = PAGE_SIZE - 1
+
+TEMPLATE_BLOCK = b"mem0"
+MAX_TAIL = 64 << 20
+"""Device state after the RAM sections is copied in memory: refuse more than this."""
+
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class StreamError(Exception):
+    """The migration stream is truncated, corrupt, or uses a feature the filter cannot pass."""
+
+
+# -- the template ------------------------------------------------------------------------------
+
+
+class TemplateRam:
+    """A template's guest RAM in a sealed memfd, owned by this (the agent's) process.
+
+    `mem_path` is what a clone's QEMU gets as `mem-path` (with `share=off`); QEMU opens it
+    before dropping privileges (`-runas`). Its pages are read with pread (`template[a:b]`),
+    never through a mapping: a fault on a hole of a memfd allocates a zero page in it, where a
+    read() of a hole allocates nothing (checksumming through an mmap grew the template from
+    102 to 256 MiB).
+    """
+
+    def __init__(self, fd: int, size: int, sha256: str) -> None:
+        self.fd = fd
+        self.size = size
+        self.sha256 = sha256
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> bytes:
+        start, stop, _ = span.indices(self.size)
+        return os.pread(self.fd, max(0, stop - start), start)
+
+    @classmethod
+    def from_file(cls, ram_file: Path, name: str = "wrenn-template") -> TemplateRam:
+        """Copy `ram_file` (sparse: holes stay holes) into a new memfd and seal it. The
+        returned sha256 is `backend.sparse`'s extent checksum of the source (what a snapshot
+        manifest records as `ram_sha256`)."""
+        fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        try:
+            with ram_file.open("rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                if size % PAGE_SIZE:
+                    raise ValueError(f"{ram_file} is {size} bytes, not whole pages")
+                os.ftruncate(fd, size)
+                digest = hashlib.sha256()
+                for offset, chunk in sparse._data_chunks(src.fileno(), size, digest):
+                    if os.pwrite(fd, chunk, offset) != len(chunk):
+                        raise OSError(errno.ENOSPC, "short write into the template memfd")
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            return cls(fd, size, digest.hexdigest())
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def mem_path(self) -> str:
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def seals(self) -> int:
+        return fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def checksum(self) -> str:
+        """sha256 of the whole content (holes read as zeros)."""
+        digest = hashlib.sha256()
+        for offset in range(0, self.size, 1 << 20):
+            digest.update(self[offset : offset + (1 << 20)])
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class PageSource(Protocol):
+    """The template's RAM as the filter reads it: bytes, an mmap, or a TemplateRam."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, span: slice, /) -> bytes: ...
+
+
+# -- the stream filter -------------------------------------------------------------------------
+
+
+@dataclass
+class FilterStats:
+    input_bytes: int = 0
+    output_bytes: int = 0
+    pages: int = 0
+    """PAGE records of the template's block in the input."""
+    pages_dropped: int = 0
+    zero_records: int = 0
+    other_pages: int = 0
+    """PAGE records of other blocks (ROMs), always kept."""
+    blocks: dict[str, int] = field(default_factory=dict)
+    """The RAM blocks the stream declares, with their sizes."""
+
+
+class _Reader:
+    def __init__(self, src: BinaryIO, chunk: int = 1 << 20) -> None:
+        self._src = src
+        self._chunk = chunk
+        self._buf = b""
+        self._pos = 0
+        self.consumed = 0
+
+    def _fill(self, n: int) -> bool:
+        while len(self._buf) - self._pos < n:
+            more = self._src.read(max(self._chunk, n))
+            if not more:
+                return False
+            self._buf = self._buf[self._pos :] + more
+            self._pos = 0
+        return True
+
+    def read(self, n: int, what: str) -> bytes:
+        if not self._fill(n):
+            raise StreamError(f"migration stream truncated at byte {self.consumed} ({what})")
+        data = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        self.consumed += n
+        return data
+
+    def peek(self) -> int | None:
+        if not self._fill(1):
+            return None
+        return self._buf[self._pos]
+
+    def rest(self, limit: int) -> bytes:
+        parts = [self._buf[self._pos :]]
+        size = len(parts[0])
+        self._buf, self._pos = b"", 0
+        while True:
+            more = self._src.read(self._chunk)
+            if not more:
+                break
+            size += len(more)
+            if size > limit:
+                raise StreamError(f"device state after the RAM sections exceeds {limit} bytes")
+            parts.append(more)
+        self.consumed += size
+        return b"".join(parts)
+
+    def u8(self, what: str) -> int:
+        return self.read(1, what)[0]
+
+    def be32(self, what: str) -> int:
+        return int.from_bytes(self.read(4, what), "big")
+
+    def be64(self, what: str) -> int:
+        return int.from_bytes(self.read(8, what), "big")
+
+
+class _Writer:
+    def __init__(self, dst: BinaryIO, flush_at: int = 1 << 20) -> None:
+        self._dst = dst
+        self._parts: list[bytes] = []
+        self._pending = 0
+        self._flush_at = flush_at
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._pending += len(data)
+        self.written += len(data)
+        if self._pending >= self._flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            self._dst.write(b"".join(self._parts))
+            self._parts, self._pending = [], 0
+
+
+class _Filter:
+    def __init__(
+        self,
+        src: BinaryIO,
+        dst: BinaryIO,
+        base: PageSource,
+        block: bytes,
+        sink: Callable[[int, bytes], None] | None = None,
+    ):
+        self.r = _Reader(src)
+        self.w = _Writer(dst)
+        self.base = base
+        self.sink = sink
+        """When set, every record of `block` goes to it (offset, 4 KiB) instead of the output."""
+        self.block = block
+        self.stats = FilterStats()
+        self.ignore_shared = False
+        self.sizes: dict[bytes, int] = {}
+        self.sections: dict[int, bytes] = {}
+        self.in_block: bytes | None = None
+        """The block a CONTINUE record in the input refers to."""
+        self.out_block: bytes | None = None
+        """The block a CONTINUE record in the output refers to."""
+        self.kept = bytearray((len(base) + PAGE_SIZE - 1) // PAGE_SIZE)
+        """Pages of the template's block already in the output: a later copy of such a page
+        (a live migration resending it) must never be dropped, or the earlier one would win."""
+
+    def run(self) -> FilterStats:
+        r, w = self.r, self.w
+        head = r.read(8, "file header")
+        magic, version = struct.unpack(">II", head)
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise StreamError("not a QEMU migration stream (bad magic)")
+        if version != QEMU_VM_FILE_VERSION:
+            raise StreamError(f"unsupported migration stream version {version}")
+        w.write(head)
+        while True:
+            kind = r.u8("section type")
+            if kind == QEMU_VM_CONFIGURATION:
+                w.write(bytes([kind]))
+                self._configuration()
+            elif kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
+                self._iterable(kind)
+            elif kind in (QEMU_VM_SECTION_FULL, QEMU_VM_EOF):
+                self._tail(kind)
+                break
+            else:
+                raise StreamError(
+                    f"unexpected section type {kind:#x} at byte {r.consumed - 1} "
+                    "(postcopy/COLO commands are not supported)"
+                )
+        w.flush()
+        self.stats.input_bytes = r.consumed
+        self.stats.output_bytes = w.written
+        self.stats.blocks = {k.decode(errors="replace"): v for k, v in self.sizes.items()}
+        return self.stats
+
+    def _configuration(self) -> None:
+        r, w = self.r, self.w
+        raw = r.read(4, "configuration")
+        length = int.from_bytes(raw, "big")
+        if length > 256:
+            raise StreamError(f"configuration names a machine of {length} bytes")
+        w.write(raw + r.read(length, "machine name"))
+        while r.peek() == QEMU_VM_SUBSECTION:
+            head = r.read(2, "subsection")
+            name = r.read(head[1], "subsection name")
+            version = r.read(4, "subsection version")
+            w.write(head + name + version)
+            if name == b"configuration/capabilities":
+                raw = r.read(4, "capability count")
+                w.write(raw)
+                for _ in range(int.from_bytes(raw, "big")):
+                    n = r.read(1, "capability")
+                    cap = r.read(n[0], "capability")
+                    w.write(n + cap)
+                    if cap == b"x-ignore-shared":
+                        self.ignore_shared = True
+            elif name == b"configuration/target-page-bits":
+                raw = r.read(4, "target page bits")
+                if int.from_bytes(raw, "big") != 12:
+                    raise StreamError("the stream's target page size is not 4 KiB")
+                w.write(raw)
+            elif name == b"configuration/uuid":
+                w.write(r.read(16, "uuid"))
+            else:
+                raise StreamError(f"unknown configuration subsection {name!r}")
+
+    def _iterable(self, kind: int) -> None:
+        r, w = self.r, self.w
+        raw_id = r.read(4, "section id")
+        section_id = int.from_bytes(raw_id, "big")
+        header = bytes([kind]) + raw_id
+        if kind == QEMU_VM_SECTION_START:
+            n = r.read(1, "section name")
+            name = r.read(n[0], "section name")
+            header += n + name + r.read(8, "section instance/version")
+            if name != b"ram":
+                raise StreamError(f"unsupported iterable section {name!r}")
+            self.sections[section_id] = name
+        elif self.sections.get(section_id) != b"ram":
+            raise StreamError(f"section {section_id} continues but never started")
+        w.write(header)
+        self._ram_body()
+        if r.peek() == QEMU_VM_SECTION_FOOTER:
+            footer = r.read(5, "section footer")
+            if int.from_bytes(footer[1:], "big") != section_id:
+                raise StreamError(f"section {section_id} ends with another section's footer")
+            w.write(footer)
+
+    def _ram_body(self) -> None:
+        r, w = self.r, self.w
+        while True:
+            raw = r.read(8, "RAM record")
+            value = int.from_bytes(raw, "big")
+            flags = value & FLAG_MASK
+            addr = value & ~FLAG_MASK
+            kind = flags & ~RAM_SAVE_FLAG_CONTINUE
+            if kind == RAM_SAVE_FLAG_EOS:
+                w.write(raw)
+                return
+            if kind == RAM_SAVE_FLAG_MEM_SIZE:
+                w.write(raw)
+                self._block_list(addr)
+                continue
+            if kind not in (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE):
+                raise StreamError(
+                    f"unsupported RAM record flags {flags:#x} (compression/XBZRLE/RDMA are not "
+                    "supported)"
+                )
+            name = b""
+            if flags & RAM_SAVE_FLAG_CONTINUE:
+                if self.in_block is None:
+                    raise StreamError("a RAM record continues a block never named")
+                block = self.in_block
+            else:
+                n = r.read(1, "RAM block name")
+                name = n + r.read(n[0], "RAM block name")
+                block = name[1:]
+                self.in_block = block
+            size = self.sizes.get(block)
+            if size is None:
+                raise StreamError(f"RAM record for undeclared block {block!r}")
+            if addr + PAGE_SIZE > size:
+                raise StreamError(f"RAM record at {addr:#x} is outside block {block!r}")
+            if kind == RAM_SAVE_FLAG_ZERO:
+                data = r.read(1, "zero page")
+                self.stats.zero_records += 1
+                if block == self.block and self.sink is not None:
+                    self.sink(addr, data * PAGE_SIZE)
+                    continue
+            elif block == self.block and self.sink is not None:
+                self.stats.pages += 1
+                self.sink(addr, r.read(PAGE_SIZE, "RAM page"))
+                continue
+            else:
+                data = r.read(PAGE_SIZE, "RAM page")
+                if block == self.block:
+                    self.stats.pages += 1
+                    page = addr // PAGE_SIZE
+                    if (
+                        addr + PAGE_SIZE <= len(self.base)
+                        and not self.kept[page]
+                        and self.base[addr : addr + PAGE_SIZE] == data
+                    ):
+                        self.stats.pages_dropped += 1
+                        continue
+                else:
+                    self.stats.other_pages += 1
+            if block == self.block and addr + PAGE_SIZE <= len(self.base):
+                self.kept[addr // PAGE_SIZE] = 1
+            if flags & RAM_SAVE_FLAG_CONTINUE and self.out_block != block:
+                # the record it continued was dropped: name the block
+                raw = (value & ~RAM_SAVE_FLAG_CONTINUE).to_bytes(8, "big")
+                name = bytes([len(block)]) + block
+            w.write(raw + name + data)
+            self.out_block = block
+
+    def _block_list(self, total: int) -> None:
+        r, w = self.r, self.w
+        while total > 0:
+            n = r.read(1, "RAM block list")
+            name = r.read(n[0], "RAM block list")
+            raw = r.read(8, "RAM block size")
+            length = int.from_bytes(raw, "big")
+            if length == 0 or length > total:
+                raise StreamError(f"RAM block {name!r} has an impossible size {length}")
+            w.write(n + name + raw)
+            if self.ignore_shared:
+                w.write(r.read(8, "RAM block address"))
+            self.sizes[name] = length
+            total -= length
+        if self.block in self.sizes and self.sizes[self.block] != len(self.base):
+            raise StreamError(
+                f"block {self.block!r} is {self.sizes[self.block]} bytes, "
+                f"the template {len(self.base)}"
+            )
+
+    def _tail(self, kind: int) -> None:
+        """Device sections to the end: copied through, checked to end with the EOF marker and
+        a whole VM description (what QEMU 7.2 writes last)."""
+        tail = bytes([kind]) + self.r.rest(MAX_TAIL)
+        start = tail.rfind(b'{"page_size"')
+        if start < 6 or tail[start - 6 : start - 4] != bytes([QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION]):
+            raise StreamError("migration stream truncated: no VM description at its end")
+        if int.from_bytes(tail[start - 4 : start], "big") != len(tail) - start:
+            raise StreamError("migration stream truncated: the VM description is cut short")
+        try:
+            json.loads(tail[start:])
+        except ValueError:
+            raise StreamError("migration stream corrupt: its VM description is not JSON") from None
+        self.w.write(tail)
+
+
+def filter_stream(
+    src: BinaryIO, dst: BinaryIO, base: PageSource, block: bytes = TEMPLATE_BLOCK
+) -> FilterStats:
+    """Copy QEMU 7.2's migration stream from `src` to `dst`, dropping PAGE records of `block`
+    equal to `base` at the same offset. StreamError when the stream is truncated or corrupt
+    (whatever was written to `dst` then is not a usable stream: the caller discards it)."""
+    return _Filter(src, dst, base, block).run()
+
+
+def split_to_ram_file(src: BinaryIO, state: Path, ram_file: Path, template: TemplateRam) -> None:
+    """Turn a clone's diff back into today's snapshot format: `ram_file` becomes a sparse copy
+    of the template with the diff's pages of `mem0` written over it, and `state` the stream
+    without any `mem0` record (what `x-ignore-shared` saves for a share=on RAM file). For a
+    template made from a clone, or a clone leaving the shared template. Both files are removed
+    when the stream is bad."""
+    fd = os.open(ram_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, template.size)
+        for offset in range(0, template.size, 1 << 20):
+            chunk = template[offset : offset + (1 << 20)]
+            if chunk.count(0) != len(chunk):
+                os.pwrite(fd, chunk, offset)
+
+        def put(addr: int, page: bytes) -> None:
+            if page.count(0) == PAGE_SIZE:
+                # a hole reads as zeros; never allocate a page for it
+                if template[addr : addr + PAGE_SIZE].count(0) != PAGE_SIZE:
+                    _punch(fd, addr, PAGE_SIZE)
+            else:
+                os.pwrite(fd, page, addr)
+
+        with state.open("wb") as out:
+            _Filter(src, out, template, TEMPLATE_BLOCK, sink=put).run()
+    except BaseException:
+        state.unlink(missing_ok=True)
+        ram_file.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc.fallocate
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    if _fallocate()(fd, 0x01 | 0x02, offset, length) != 0:  # KEEP_SIZE | PUNCH_HOLE
+        os.pwrite(fd, bytes(length), offset)
+
+
+def filter_file(src: Path, dst: Path, base: PageSource) -> FilterStats:
+    """`filter_stream` between files; `dst` is removed when the stream is bad."""
+    try:
+        with src.open("rb") as fin, dst.open("wb") as fout:
+            return filter_stream(fin, fout, base)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+
+
+# -- with a running QEMU -----------------------------------------------------------------------
+
+
+def _filter_fd(read_fd: int, dest: Path, base: PageSource) -> FilterStats:
+    with os.fdopen(read_fd, "rb", buffering=0) as fin:
+        try:
+            with dest.open("wb") as fout:
+                stats = filter_stream(fin, fout, base)
+                fout.flush()
+                os.fsync(fout.fileno())
+                return stats
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+
+
+async def save_diff(
+    vm: VM, dest: Path, template: TemplateRam, *, live: bool = False
+) -> FilterStats:
+    """Pause `vm` (a clone of `template`) into `dest`: stop it, then migrate it into a pipe
+    whose other end the filter reads. The VM stays stopped. StreamError/MigrationFailed leave
+    no `dest` behind. `live`: migrate while the guest runs (QEMU stops it at the end), which
+    free-page hinting needs (the guest reports its free pages during the migration)."""
+    read_fd, write_fd = os.pipe()
+    filtering: asyncio.Future[FilterStats] | None = None
+    try:
+        async with vm.session():
+            if not live:
+                await vm.stop()
+            fd, read_fd = read_fd, -1
+            filtering = asyncio.ensure_future(asyncio.to_thread(_filter_fd, fd, dest, template))
+            try:
+                await vm.save_to_fd(write_fd, "saving a RAM diff")
+            finally:
+                # QEMU holds its own copy: the filter sees EOF when QEMU is done with it
+                os.close(write_fd)
+                write_fd = -1
+        return await filtering
+    except Exception as exc:
+        if write_fd >= 0:
+            os.close(write_fd)
+        cause: BaseException | None = None
+        if filtering is not None:
+            try:
+                await asyncio.wait_for(filtering, 30)
+            except Exception as filter_error:
+                cause = filter_error
+        dest.unlink(missing_ok=True)
+        if isinstance(cause, StreamError) and cause is not exc:
+            # the filter stopped reading first (QEMU then failed on a broken pipe): its
+            # message is the one that says what is wrong
+            raise cause from exc
+        raise
+    finally:
+        if read_fd >= 0:
+            os.close(read_fd)

@@ -1,0 +1,399 @@
+"""The RAM diff filter (backend/capsules/ramdiff.py) on synthetic QEMU 7.2 migration streams.
+
+Each stream is built record by record the way QEMU 7.2 writes it; a small independent loader
+(`load`) applies a stream to a copy of the template the way QEMU's ram_load does, so "the
+filtered stream restores the same memory as the full one" is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from backend.capsules import ramdiff
+from backend.capsules.ramdiff import (
+    PAGE_SIZE,
+    StreamError,
+    TemplateRam,
+    filter_file,
+    filter_stream,
+)
+
+PAGES = 16
+BASE = b"".join(bytes([i + 1]) * PAGE_SIZE for i in range(PAGES))
+ROM = b"R" * PAGE_SIZE
+DEVICE = b"\x04" + struct.pack(">I", 9) + b"\x05timer" + struct.pack(">II", 0, 1) + b"devstate"
+VMDESC = json.dumps({"page_size": 4096, "devices": []}).encode()
+
+
+def _name(block: bytes) -> bytes:
+    return bytes([len(block)]) + block
+
+
+def header(ignore_shared: bool = True) -> bytes:
+    out = struct.pack(">II", ramdiff.QEMU_VM_FILE_MAGIC, 3)
+    machine = b"microvm"
+    out += b"\x07" + struct.pack(">I", len(machine)) + machine
+    if ignore_shared:
+        sub = b"configuration/capabilities"
+        cap = b"x-ignore-shared"
+        out += b"\x05" + _name(sub) + struct.pack(">I", 1) + struct.pack(">I", 1) + _name(cap)
+    return out
+
+
+def block_list(ignore_shared: bool = True) -> bytes:
+    blocks = [(b"mem0", len(BASE)), (b"pc.bios", PAGE_SIZE)]
+    out = struct.pack(">Q", sum(s for _, s in blocks) | ramdiff.RAM_SAVE_FLAG_MEM_SIZE)
+    for name, size in blocks:
+        out += _name(name) + struct.pack(">Q", size)
+        if ignore_shared:
+            out += struct.pack(">Q", 0)
+    return out
+
+
+def page(addr: int, data: bytes, block: bytes | None) -> bytes:
+    flags = ramdiff.RAM_SAVE_FLAG_PAGE | (0 if block else ramdiff.RAM_SAVE_FLAG_CONTINUE)
+    return struct.pack(">Q", addr | flags) + (_name(block) if block else b"") + data
+
+
+def zero(addr: int, block: bytes | None) -> bytes:
+    flags = ramdiff.RAM_SAVE_FLAG_ZERO | (0 if block else ramdiff.RAM_SAVE_FLAG_CONTINUE)
+    return struct.pack(">Q", addr | flags) + (_name(block) if block else b"") + b"\x00"
+
+
+EOS = struct.pack(">Q", ramdiff.RAM_SAVE_FLAG_EOS)
+
+
+def footer(section: int) -> bytes:
+    return b"\x7e" + struct.pack(">I", section)
+
+
+def stream(records: list[bytes], ignore_shared: bool = True) -> bytes:
+    """header, ram START (block list), one PART with `records`, END, a device, EOF, vmdesc."""
+    start = b"\x01" + struct.pack(">I", 0) + _name(b"ram") + struct.pack(">II", 0, 4)
+    return (
+        header(ignore_shared)
+        + start
+        + block_list(ignore_shared)
+        + EOS
+        + footer(0)
+        + b"\x02"
+        + struct.pack(">I", 0)
+        + b"".join(records)
+        + EOS
+        + footer(0)
+        + b"\x03"
+        + struct.pack(">I", 0)
+        + EOS
+        + footer(0)
+        + DEVICE
+        + footer(9)
+        + b"\x00\x06"
+        + struct.pack(">I", len(VMDESC))
+        + VMDESC
+    )
+
+
+def load(data: bytes, ignore_shared: bool = True) -> tuple[bytes, bytes]:
+    """Apply a stream's RAM records to a copy of BASE (mem0) and ROM: what QEMU's loader does
+    (CONTINUE means the block of the previous record, whichever section it was in)."""
+    mem = {b"mem0": bytearray(BASE), b"pc.bios": bytearray(ROM)}
+    f = io.BytesIO(data)
+    f.read(8)
+    last: bytes | None = None
+    while True:
+        kind = f.read(1)[0]
+        if kind == 7:
+            f.read(struct.unpack(">I", f.read(4))[0])
+            if ignore_shared:
+                f.read(1 + 1 + 26 + 4 + 4 + 1 + 15)
+            continue
+        if kind in (0, 4):
+            break
+        f.read(4)
+        if kind == 1:
+            f.read(f.read(1)[0] + 8)
+        while True:
+            value = struct.unpack(">Q", f.read(8))[0]
+            flags, addr = value & 0xFFF, value & ~0xFFF
+            if flags & ramdiff.RAM_SAVE_FLAG_EOS:
+                break
+            if flags & ramdiff.RAM_SAVE_FLAG_MEM_SIZE:
+                for _ in range(2):
+                    f.read(f.read(1)[0] + 8 + (8 if ignore_shared else 0))
+                continue
+            if not flags & ramdiff.RAM_SAVE_FLAG_CONTINUE:
+                last = f.read(f.read(1)[0])
+            assert last is not None, "CONTINUE with no block before it"
+            if flags & ramdiff.RAM_SAVE_FLAG_ZERO:
+                mem[last][addr : addr + PAGE_SIZE] = f.read(1) * PAGE_SIZE
+            else:
+                mem[last][addr : addr + PAGE_SIZE] = f.read(PAGE_SIZE)
+        assert f.read(1) == b"\x7e"
+        f.read(4)
+    return bytes(mem[b"mem0"]), bytes(mem[b"pc.bios"])
+
+
+def run(data: bytes) -> tuple[bytes, ramdiff.FilterStats]:
+    out = io.BytesIO()
+    stats = filter_stream(io.BytesIO(data), out, BASE)
+    return out.getvalue(), stats
+
+
+def base_page(i: int) -> bytes:
+    return BASE[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+
+
+def test_pages_equal_to_the_template_are_dropped_and_the_rest_passes() -> None:
+    changed = b"\xaa" * PAGE_SIZE
+    records = [
+        page(0, base_page(0), b"mem0"),  # same as template: dropped
+        page(PAGE_SIZE, changed, None),  # CONTINUE after a dropped record: must name mem0
+        page(2 * PAGE_SIZE, base_page(2), None),  # dropped
+        zero(3 * PAGE_SIZE, None),  # ZERO: kept as is (its predecessor was kept)
+        page(4 * PAGE_SIZE, changed, None),  # kept as is (its predecessor was kept)
+        page(0, ROM, b"pc.bios"),  # another block: always kept
+        page(5 * PAGE_SIZE, base_page(5), b"mem0"),  # dropped
+    ]
+    full = stream(records)
+    out, stats = run(full)
+    assert stats.pages == 5 and stats.pages_dropped == 3
+    assert stats.zero_records == 1 and stats.other_pages == 1
+    assert stats.input_bytes == len(full) and stats.output_bytes == len(out)
+    # three records gone (two named their block); one CONTINUE now names it
+    name = len(_name(b"mem0"))
+    assert len(out) == len(full) - 3 * (8 + PAGE_SIZE) - 2 * name + name
+    # the filtered stream restores exactly what the full one does
+    assert load(out) == load(full)
+    mem0, _ = load(out)
+    assert mem0[PAGE_SIZE : 2 * PAGE_SIZE] == changed
+    assert mem0[3 * PAGE_SIZE : 4 * PAGE_SIZE] == bytes(PAGE_SIZE)
+    # and everything but RAM passes byte for byte
+    assert out.startswith(header()) and out.endswith(DEVICE + footer(9) + full[-len(VMDESC) - 6 :])
+    assert stats.blocks == {"mem0": len(BASE), "pc.bios": PAGE_SIZE}
+
+
+def test_a_stream_with_nothing_to_drop_passes_unchanged() -> None:
+    records = [page(i * PAGE_SIZE, b"\x77" * PAGE_SIZE, None if i else b"mem0") for i in range(4)]
+    full = stream(records)
+    out, stats = run(full)
+    assert out == full and stats.pages_dropped == 0
+
+
+def test_without_x_ignore_shared_the_block_list_has_no_addresses() -> None:
+    full = stream([page(0, base_page(0), b"mem0"), page(PAGE_SIZE, ROM, None)], False)
+    out, stats = run(full)
+    assert stats.pages_dropped == 1
+    assert load(out, False) == load(full, False)
+
+
+def test_a_page_already_kept_is_never_dropped_later() -> None:
+    """A live migration can send a page twice: changed, then back to the template's content.
+    Dropping the second copy would leave the first (stale) one in force."""
+    changed = b"\x55" * PAGE_SIZE
+    full = stream([page(0, changed, b"mem0"), page(0, base_page(0), None)])
+    out, stats = run(full)
+    assert stats.pages_dropped == 0
+    assert load(out)[0][:PAGE_SIZE] == base_page(0)
+
+
+def test_continue_across_sections_refers_to_the_last_record_sent() -> None:
+    """The first record of a section may CONTINUE the block of the previous section's last
+    record; if that one was dropped, the filter must name the block."""
+    changed = b"\x66" * PAGE_SIZE
+    start = b"\x01" + struct.pack(">I", 0) + _name(b"ram") + struct.pack(">II", 0, 4)
+    rom_then_same = page(0, ROM, b"pc.bios") + page(PAGE_SIZE, base_page(1), b"mem0")
+    full = (
+        header()
+        + start
+        + block_list()
+        + EOS
+        + footer(0)
+        + b"\x02"
+        + struct.pack(">I", 0)
+        + rom_then_same
+        + EOS
+        + footer(0)
+        + b"\x03"
+        + struct.pack(">I", 0)
+        + page(2 * PAGE_SIZE, changed, None)
+        + EOS
+        + footer(0)
+        + DEVICE
+        + footer(9)
+        + b"\x00\x06"
+        + struct.pack(">I", len(VMDESC))
+        + VMDESC
+    )
+    out, stats = run(full)
+    assert stats.pages_dropped == 1
+    assert load(out) == load(full)
+    assert load(out)[0][2 * PAGE_SIZE : 3 * PAGE_SIZE] == changed
+
+
+@pytest.mark.parametrize("cut", [3, 20, 200, 4000, -len(VMDESC) - 3, -5, -1])
+def test_a_truncated_stream_is_an_error_and_leaves_no_file(tmp_path: Path, cut: int) -> None:
+    full = stream([page(0, b"\x11" * PAGE_SIZE, b"mem0"), page(PAGE_SIZE, base_page(1), None)])
+    src, dst = tmp_path / "full", tmp_path / "diff"
+    src.write_bytes(full[:cut])
+    with pytest.raises(StreamError, match="truncated"):
+        filter_file(src, dst, BASE)
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda s: b"XXXX" + s[4:], "bad magic"),
+        (lambda s: s[:4] + struct.pack(">I", 2) + s[8:], "version 2"),
+        (
+            lambda s: s.replace(b"\x01\x00\x00\x00\x00\x03ram", b"\x01\x00\x00\x00\x00\x03rom"),
+            "iterable",
+        ),
+        (lambda s: s.replace(b"\x00\x06", b"\x00\x09"), "VM description"),
+        (lambda s: s[:-2] + b"!}", "not JSON"),
+    ],
+)
+def test_a_corrupt_stream_is_a_clear_error(corrupt, message: str) -> None:  # type: ignore[no-untyped-def]
+    full = stream([page(0, b"\x11" * PAGE_SIZE, b"mem0")])
+    bad = corrupt(full)
+    if bad == full:
+        pytest.skip("corruption pattern not present")
+    with pytest.raises(StreamError, match=message):
+        run(bad)
+
+
+def test_unsupported_records_are_refused() -> None:
+    xbzrle = struct.pack(">Q", ramdiff.RAM_SAVE_FLAG_XBZRLE) + _name(b"mem0")
+    with pytest.raises(StreamError, match="unsupported RAM record"):
+        run(stream([xbzrle]))
+    with pytest.raises(StreamError, match="never named"):
+        run(stream([page(0, b"\x11" * PAGE_SIZE, None)]))
+    with pytest.raises(StreamError, match="undeclared block"):
+        run(stream([page(0, b"\x11" * PAGE_SIZE, b"nope")]))
+    with pytest.raises(StreamError, match="outside block"):
+        run(stream([page(PAGES * PAGE_SIZE, b"\x11" * PAGE_SIZE, b"mem0")]))
+
+
+def test_a_template_of_another_size_is_refused() -> None:
+    with pytest.raises(StreamError, match="the template"):
+        filter_stream(io.BytesIO(stream([])), io.BytesIO(), BASE[:PAGE_SIZE])
+
+
+def test_template_memfd_is_sealed_sparse_and_cannot_be_changed(tmp_path: Path) -> None:
+    ram = tmp_path / "mem"
+    with ram.open("wb") as f:
+        f.truncate(64 * PAGE_SIZE)
+        f.seek(8 * PAGE_SIZE)
+        f.write(b"\x42" * PAGE_SIZE)
+    template = TemplateRam.from_file(ram)
+    try:
+        assert template.seals() & ramdiff.SEALS == ramdiff.SEALS
+        assert template.size == 64 * PAGE_SIZE
+        assert template.allocated_bytes() <= 4 * PAGE_SIZE  # the holes stayed holes
+        assert template[8 * PAGE_SIZE : 9 * PAGE_SIZE] == b"\x42" * PAGE_SIZE
+        before = template.checksum()
+        # reading it (holes too) allocates nothing: it is never read through a mapping
+        assert template[0:PAGE_SIZE] == bytes(PAGE_SIZE)
+        assert template.allocated_bytes() <= 4 * PAGE_SIZE
+        # what QEMU 7.2 does to discard a page of a file-backed block: refused
+        with pytest.raises(PermissionError):
+            os.pwrite(template.fd, b"x", 0)
+        punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        with pytest.raises(PermissionError):
+            _fallocate(template.fd, punch, 8 * PAGE_SIZE, PAGE_SIZE)
+        with pytest.raises(PermissionError):
+            os.ftruncate(template.fd, 0)
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(template.fd, fcntl.F_ADD_SEALS, 0)
+        # a private writable mapping (what share=off gives QEMU) is allowed, and private
+        fd = os.open(template.mem_path, os.O_RDWR)
+        try:
+            import mmap
+
+            m = mmap.mmap(fd, template.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            m[8 * PAGE_SIZE] = 0
+            m.close()
+        finally:
+            os.close(fd)
+        assert template.checksum() == before
+    finally:
+        template.close()
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_split_turns_a_diff_into_a_ram_file_and_a_stream_without_mem0(tmp_path: Path) -> None:
+    base_file = tmp_path / "template"
+    base_file.write_bytes(BASE)
+    template = TemplateRam.from_file(base_file)
+    try:
+        changed = b"\xaa" * PAGE_SIZE
+        full = stream(
+            [
+                page(0, changed, b"mem0"),
+                zero(PAGE_SIZE, None),
+                page(0, b"\x07" * PAGE_SIZE, b"pc.bios"),
+                page(5 * PAGE_SIZE, base_page(5), b"mem0"),
+            ]
+        )
+        state, ram = tmp_path / "state", tmp_path / "mem"
+        ramdiff.split_to_ram_file(io.BytesIO(full), state, ram, template)
+        mem0, rom = load(full)
+        assert ram.read_bytes() == mem0
+        # the page zeroed by the diff is a hole, not a page of zeros
+        assert ram.stat().st_blocks * 512 <= len(BASE) - PAGE_SIZE
+        # the state has no record of mem0 left, and still restores the ROM
+        left_mem0, left_rom = load(state.read_bytes())
+        assert left_mem0 == BASE and left_rom == rom == b"\x07" * PAGE_SIZE
+        with pytest.raises(StreamError):
+            ramdiff.split_to_ram_file(io.BytesIO(full[:-3]), state, ram, template)
+        assert not state.exists() and not ram.exists()
+    finally:
+        template.close()
+
+
+def test_build_argv_maps_a_private_base_share_off_and_leaves_the_default_alone(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from backend.runtime.base import VMConfig
+    from backend.runtime.qemu import build_argv
+
+    config = VMConfig(
+        capsule_id="c1",
+        run_dir=tmp_path,
+        kernel=tmp_path / "vmlinux",
+        initrd=tmp_path / "initrd",
+        disk=tmp_path / "disk.qcow2",
+        ram_file=tmp_path / "mem",
+        memory_mib=256,
+        vcpus=1,
+        host_port=1234,
+        metadata_json="{}",
+    )
+    default = build_argv(config)
+    assert f"memory-backend-file,id=mem0,size=256M,mem-path={tmp_path}/mem,share=on" in default
+    balloon = "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
+    assert balloon in default and not any("iothread" in a for a in default)
+    private = build_argv(replace(config, ram_private_base="/proc/1/fd/7"))
+    assert "memory-backend-file,id=mem0,size=256M,mem-path=/proc/1/fd/7,share=off" in private
+    assert not any(str(tmp_path / "mem") in a for a in private)
+    hint = build_argv(replace(config, free_page_hint=True))
+    assert f"{balloon},free-page-hint=on,iothread=balloon-io" in hint
