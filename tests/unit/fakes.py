@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Self
@@ -83,6 +84,10 @@ class FakeVM:
     async def snapshot_create(self, device_state: Path) -> None:
         self._check("snapshot_create")
         device_state.write_bytes(b"fake device state " + self.config.capsule_id.encode())
+
+    async def save_to_fd(self, fd: int, what: str) -> None:
+        self._check("save_to_fd")
+        os.write(fd, b"fake device state " + self.config.capsule_id.encode())
 
     async def balloon_stats(self) -> BalloonStats:
         self._check("balloon_stats")
