@@ -44,9 +44,10 @@ class Watchdog:
                 log.exception("the watchdog's check of %s failed", capsule.id)
 
     async def _check_one(self, capsule: Capsule, now: float) -> None:
-        console = self.m.layout.console_log(capsule.id)
-        if await asyncio.to_thread(cap_console, console):
-            log.info("%s: console.log passed %d bytes; rotated", capsule.id, CONSOLE_MAX)
+        # the guest's serial console, and QEMU's own log (a guest can make QEMU warn per page)
+        for path in (self.m.layout.console_log(capsule.id), self.m.layout.vmm_log(capsule.id)):
+            if await asyncio.to_thread(cap_console, path):
+                log.info("%s: %s passed %d bytes; rotated", capsule.id, path.name, CONSOLE_MAX)
         if not self.m.vm_alive(capsule):
             await self._vm_died(capsule.id)
         elif capsule.auto_pause_s > 0 and now - capsule.last_activity > capsule.auto_pause_s:

@@ -1,5 +1,5 @@
-"""Logs a VMM writes for a guest (its serial console): kept bounded on the host, whatever
-the runtime."""
+"""Logs a VMM writes for a guest (its serial console, its own log): kept bounded on the host,
+whatever the runtime."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 CONSOLE_MAX = 1 << 20
-"""console.log is rotated (to console.log.1) beyond this many bytes: a guest writing its
-serial port without end must not fill the host's disk."""
+"""console.log and qemu.log are rotated (to *.log.1) beyond this many bytes: a guest writing
+its serial port without end, or making QEMU warn for every page, must not fill the host's
+disk. Both are opened for appending, so the VMM writes on at the new end."""
 
 
 def cap_console(path: Path, limit: int = CONSOLE_MAX) -> bool:

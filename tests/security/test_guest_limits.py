@@ -52,9 +52,15 @@ async def test_console_log_is_capped_and_rotated(manager: CapsuleManager) -> Non
     result = await manager.exec(capsule.id, flood, timeout=300)
     assert result.exit_code == 0, result.stderr
     assert console.stat().st_size > CONSOLE_MAX
+    # QEMU's own log (opened for appending by the runtime) grown past the cap the same way
+    vmm_log = manager.layout.vmm_log(capsule.id)
+    with vmm_log.open("ab") as f:
+        f.write(b"qemu warning line\n" * (CONSOLE_MAX // 18 + 100))
     await Watchdog(manager).check()
     assert console.stat().st_size < CONSOLE_MAX
     assert 0 < rotated.stat().st_size <= CONSOLE_MAX
+    assert vmm_log.stat().st_size < 10_000  # empty, but for what QEMU may write meanwhile
+    assert 0 < vmm_log.with_suffix(".log.1").stat().st_size <= CONSOLE_MAX
     # QEMU goes on writing at the log's new end: no hole as large as what was rotated away.
     marker = "after-rotation-marker"
     result = await manager.exec(capsule.id, f"echo {marker} > /dev/ttyS0")
