@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import fcntl
-import json
 import os
 import secrets
 import shutil
@@ -30,6 +29,7 @@ from backend.capsules.models import Capsule, State, new_capsule_id
 from backend.capsules.templates import Template, TemplateNotFound
 from tests import hostenvd
 from tests.hostenvd import HostEnvd
+from tests.sdk_runner import run_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 SDK_VERSION = "2.63.0"
@@ -87,18 +87,7 @@ def sdk_env(key: str, url: str) -> dict[str, str]:
 def run_sdk(
     python: Path, key: str, url: str, scenario: str, *args: str, timeout: float = 120
 ) -> dict[str, Any]:
-    result = subprocess.run(
-        [str(python), str(SCENARIO), scenario, *args],
-        env=sdk_env(key, url),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, (
-        f"SDK scenario {scenario} failed:\n{result.stdout}\n{result.stderr}"
-    )
-    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return out
+    return run_scenario(python, SCENARIO, sdk_env(key, url), scenario, *args, timeout=timeout)
 
 
 # -- envd on the host ---------------------------------------------------------------------------

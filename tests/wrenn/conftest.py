@@ -4,9 +4,7 @@ the first test that needs it, and the agent API over a real CapsuleManager (with
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from backend.config import Paths
 from backend.sampler import ManagerSource, Sampler
 from tests.e2b.conftest import ServerThread
 from tests.integration.conftest import destroy_all
+from tests.sdk_runner import run_scenario
 from tests.wrenn.sdk_venv import NoPython313, ensure_sdk_venv
 
 SCENARIO = Path(__file__).with_name("sdk_scenario.py")
@@ -48,18 +47,7 @@ def sdk_env(key: str, url: str) -> dict[str, str]:
 def run_sdk(
     python: Path, key: str, url: str, scenario: str, *args: str, timeout: float = 400
 ) -> dict[str, Any]:
-    result = subprocess.run(
-        [str(python), str(SCENARIO), scenario, *args],
-        env=sdk_env(key, url),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, (
-        f"SDK scenario {scenario} failed:\n{result.stdout}\n{result.stderr}"
-    )
-    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return out
+    return run_scenario(python, SCENARIO, sdk_env(key, url), scenario, *args, timeout=timeout)
 
 
 @pytest.fixture
