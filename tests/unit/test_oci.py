@@ -721,3 +721,47 @@ def test_a_non_empty_rootfs_is_refused(area: dict[str, Path]) -> None:
     with pytest.raises(OciError, match="must be an empty directory"):
         unpack(src, area["rootfs"], area["work"])
     assert (area["rootfs"] / "mine").read_text() == "keep"
+
+
+def test_our_additions_to_an_imported_root_never_follow_its_links(tmp_path: Path) -> None:
+    """A hostile image's `etc -> <host dir>`, `.wrenn -> <host dir>` and a resolv.conf
+    symlink to a host file: prepare_root replaces the links and writes nothing through them."""
+    from backend.recipes.oci_base import prepare_root
+
+    host_dir = tmp_path / "host-etc"
+    host_dir.mkdir()
+    (host_dir / "resolv.conf").write_text("host's own\n")
+    host_file = tmp_path / "host-file"
+    host_file.write_text("untouched\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "etc").symlink_to(host_dir)
+    (root / ".wrenn").symlink_to(host_dir)
+    other = tmp_path / "root2"
+    (other / "etc").mkdir(parents=True)
+    (other / "etc" / "resolv.conf").symlink_to(host_file)
+    (other / ".wrenn").mkdir()
+    (other / ".wrenn" / "planted").write_text("x")
+    for tree in (root, other):
+        prepare_root(tree)
+        assert (tree / "etc").is_dir() and not (tree / "etc").is_symlink()
+        assert (tree / ".wrenn").is_dir() and not (tree / ".wrenn").is_symlink()
+        assert list((tree / ".wrenn").iterdir()) == []
+        resolv = tree / "etc" / "resolv.conf"
+        assert not resolv.is_symlink() and resolv.read_text() == "nameserver 10.0.2.3\n"
+    assert (host_dir / "resolv.conf").read_text() == "host's own\n"
+    assert sorted(p.name for p in host_dir.iterdir()) == ["resolv.conf"]
+    assert host_file.read_text() == "untouched\n"
+
+
+def test_a_numeric_image_user_is_said_and_left_as_root() -> None:
+    from backend.recipes.builder import Defaults
+    from backend.recipes.oci import OciConfig
+
+    said: list[str] = []
+    config = OciConfig({"PATH": "/bin"}, "/srv", "65532:65532", [], [])
+    defaults = Defaults.of_image(config, said.append)
+    assert defaults.user == "" and defaults.workdir == "/srv"
+    assert said and "65532:65532" in said[0]
+    named = Defaults.of_image(OciConfig({}, "", "app", [], []), said.append)
+    assert named.user == "app" and named.init_body() == {"defaultUser": "app"}
