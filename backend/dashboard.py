@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.capsules.hostcost import HostCost, host_costs
 from backend.capsules.manager import DEFAULT_MEMORY_MIB, CapsuleManager
 from backend.capsules.models import Capsule, Event, Snapshot
 from backend.capsules.templates import MAX_FORK, Template
@@ -103,6 +104,10 @@ class ManagerPort:
 
     def subscribe(self, listener: Callable[[Capsule], None]) -> Callable[[], None]:
         return self.manager.subscribe(listener)
+
+    def host_costs(self) -> dict[str, HostCost]:
+        """What each running capsule costs the host's memory (backend/capsules/hostcost.py)."""
+        return host_costs(self.manager, self.manager.list_capsules())
 
     def builds(self) -> list[BuildStatus]:
         """Recipe builds running now, started by any process (the CLI's included)."""

@@ -8,10 +8,13 @@ which is fine: both sides use the same extent map of the same file.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,50 @@ def sparse_copy(src: Path, dst: Path, *, fsync: bool = True, truncate: bool = Tr
         finally:
             os.close(fd_out)
     return CopyResult(size=size, allocated=allocated, sha256=digest.hexdigest())
+
+
+def punch_zero_pages(path: Path, page: int = 4096) -> None:
+    """Turn every run of all-zero pages of `path` into a hole (the content reads the same).
+    A filesystem that cannot punch holes leaves the file as it is."""
+    zero = bytes(page)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        for offset, length in data_extents(fd, size):
+            done = 0
+            while done < length:
+                chunk = os.pread(fd, min(CHUNK, length - done), offset + done)
+                if not chunk:
+                    break
+                run_start = -1
+                for i in range(0, len(chunk), page):
+                    if chunk[i : i + page] == zero:
+                        if run_start < 0:
+                            run_start = i
+                        continue
+                    if run_start >= 0:
+                        if not _punch(fd, offset + done + run_start, i - run_start):
+                            return
+                        run_start = -1
+                if run_start >= 0 and not _punch(
+                    fd, offset + done + run_start, len(chunk) - run_start
+                ):
+                    return
+                done += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def _punch(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of `fd` (False when the filesystem cannot)."""
+    return _fallocate()(fd, 0x01 | 0x02, offset, length) == 0  # KEEP_SIZE | PUNCH_HOLE
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc.fallocate
 
 
 def sparse_checksum(path: Path) -> str:

@@ -60,46 +60,41 @@ def _smaps_rollup(pid: int) -> dict[str, int]:
     return out
 
 
-def _mapped_bytes(pid: int, path: Path) -> int:
-    """Resident bytes of `path` in process `pid`'s mappings (/proc/PID/smaps)."""
-    total, inside = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and len(head) >= 5:
-                inside = len(head) >= 6 and head[5] == str(path)
-            elif inside and head and head[0] == "Rss:":
-                total += int(head[1]) * 1024
-    return total
-
-
 async def _measure(manager: CapsuleManager, n: int, idle_s: float) -> dict[str, Any]:
     before = _mem_available()
+    shared_before = manager.bases.allocated_bytes()
     started = time.monotonic()
     capsules = [await manager.create() for _ in range(n)]
     create_s = time.monotonic() - started
     await asyncio.sleep(idle_s)
     after = _mem_available()
-    accounted, rss, ram_files, guest_used = [], [], [], []
+    own, rss, ram_files, guest_used = [], [], [], []
     for c in capsules:
         assert c.pid is not None
         ram = manager.layout.ram_file(c.id)
-        allocated = ram.stat().st_blocks * 512
+        allocated = ram.stat().st_blocks * 512 if ram.exists() else 0
         roll = _smaps_rollup(c.pid)
-        unmapped = max(0, allocated - _mapped_bytes(c.pid, ram))
-        accounted.append(roll["Pss"] + unmapped)
+        # the process's own memory; guest RAM held in files (tmpfs, memfd) is counted below,
+        # once, whoever maps it
+        own.append(roll["Pss"] - roll.get("Pss_Shmem", 0))
         rss.append(roll["Rss"])
         ram_files.append(allocated)
         async with manager.envd(c) as envd:
             m = await envd.metrics(timeout=5)
         guest_used.append(int(m.get("mem_used", 0)))
+    shared = manager.bases.allocated_bytes()
+    accounted = sum(own) + sum(ram_files) + shared
     out = {
         "n": n,
+        "clones": manager.clones,
         "create_each_s": round(create_s / n, 3),
         "host_mib_per_idle_capsule": round((before - after) / n / MIB, 1),
-        "accounted_mib_per_idle_capsule": round(statistics.mean(accounted) / MIB, 1),
+        "accounted_mib_per_idle_capsule": round(accounted / n / MIB, 1),
+        "qemu_own_mib": round(statistics.mean(own) / MIB, 1),
         "qemu_rss_mib": round(statistics.mean(rss) / MIB, 1),
         "ram_file_mib": round(statistics.mean(ram_files) / MIB, 1),
+        "template_ram_mib": round(shared / MIB, 1),
+        "template_ram_new_mib": round((shared - shared_before) / MIB, 1),
         "guest_used_mib": round(statistics.mean(guest_used) / MIB, 1),
     }
     for c in capsules:
@@ -128,18 +123,27 @@ async def _burst(manager: CapsuleManager, n: int) -> dict[str, Any]:
     }
 
 
-async def run(counts: list[int], idle_s: float, burst: int) -> dict[str, Any]:
+async def run(
+    counts: list[int], idle_s: float, burst: int, compare: bool, lifecycle: bool
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"memory_mib": 256, "idle_s": idle_s}
     root = Path(tempfile.mkdtemp(prefix="wd-", dir="/tmp"))
     manager = CapsuleManager(scratch_paths(root))
     await manager.start(watchdog=False)
-    out: dict[str, Any] = {"memory_mib": 256, "idle_s": idle_s}
     try:
         warm = await manager.create()  # the warm snapshot exists (built once if not)
         await asyncio.sleep(idle_s)
         snap = await manager.pause(warm.id)
         out["snapshot_idle_mib"] = round(snap.total_allocated / MIB, 1)
         out["snapshot_idle_ram_mib"] = round(snap.ram_allocated / MIB, 1)
+        out["snapshot_idle_state_mib"] = round(snap.state_size / MIB, 1)
+        t = time.monotonic()
+        await manager.resume(warm.id)
+        out["resume_idle_s"] = round(time.monotonic() - t, 3)
         await manager.destroy(warm.id)
+        # a pause reads every page of a clone: the template's holes become (shared) pages of
+        # its memfd once; measured before the densities, so each N carries that cost
+        out["template_ram_after_first_pause_mib"] = round(manager.bases.allocated_bytes() / MIB, 1)
         out["by_n"] = [await _measure(manager, n, idle_s) for n in counts]
         last = out["by_n"][-1]
         out["host_mib_per_idle_capsule"] = last["host_mib_per_idle_capsule"]
@@ -151,10 +155,34 @@ async def run(counts: list[int], idle_s: float, burst: int) -> dict[str, Any]:
             await manager.destroy(leftover.id)
         await manager.close()
         shutil.rmtree(root, ignore_errors=True)
+    if compare:
+        # before issue 21, in the same run: every capsule a private copy of the template's RAM
+        root = Path(tempfile.mkdtemp(prefix="wd-", dir="/tmp"))
+        manager = CapsuleManager(scratch_paths(root), clones=False)
+        await manager.start(watchdog=False)
+        try:
+            out["private_copies"] = await _measure(manager, max(counts), idle_s)
+        finally:
+            for leftover in manager.list_capsules():
+                await manager.destroy(leftover.id)
+            await manager.close()
+            shutil.rmtree(root, ignore_errors=True)
     out["targets"] = {
         "host_mib_per_idle_capsule<=48": out["host_mib_per_idle_capsule"] <= 48,
+        "accounted_mib_per_idle_capsule<=48": out["accounted_mib_per_idle_capsule"] <= 48,
         "snapshot_idle_mib<=48": out["snapshot_idle_mib"] <= 48,
     }
+    if burst:
+        out["targets"][f"burst_create_{burst}_all_healthy"] = (
+            out[f"burst_create_{burst}_healthy"] == burst
+        )
+    if lifecycle:
+        # bench.lifecycle's targets in the same run (pause, resume, warm create, ...)
+        from bench import lifecycle as lifecycle_bench
+
+        out["lifecycle"] = await lifecycle_bench.run(256, 3)
+        for name, met in out["lifecycle"]["targets"].items():
+            out["targets"][f"lifecycle:{name}"] = met
     return out
 
 
@@ -163,9 +191,17 @@ def main() -> None:
     parser.add_argument("--counts", default="1,4,16")
     parser.add_argument("--idle", type=float, default=20.0)
     parser.add_argument("--burst", type=int, default=16, help="0: skip the burst of creates")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also measure the largest N with private RAM copies (before issue 21)",
+    )
+    parser.add_argument(
+        "--no-lifecycle", action="store_true", help="skip bench.lifecycle's run and targets"
+    )
     args = parser.parse_args()
     counts = [int(x) for x in args.counts.split(",")]
-    result = asyncio.run(run(counts, args.idle, args.burst))
+    result = asyncio.run(run(counts, args.idle, args.burst, args.compare, not args.no_lifecycle))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
 

@@ -36,6 +36,7 @@ from backend.capsules.disks import make_overlay
 from backend.capsules.envd_client import EnvdClient
 from backend.capsules.ramdiff import FilterStats, TemplateRam, save_diff
 from backend.capsules.snapshots import DEVICE_STATE, DISK, RAM, SnapshotManifest
+from backend.capsules.templates import snapshot_key
 from backend.config import default_paths
 from backend.runtime.base import VMConfig
 from backend.runtime.ports import free_port
@@ -47,7 +48,7 @@ MEMORY_MIB = 256
 
 
 def template_snapshot(image: Path, accel: str) -> SnapshotManifest:
-    snap = SnapshotManifest.load(image / "snapshots" / f"{MEMORY_MIB}m-1c-{accel}")
+    snap = SnapshotManifest.load(image / "snapshots" / snapshot_key(MEMORY_MIB, 1, accel))
     if snap is None:
         raise SystemExit(f"no template snapshot in {image}: run `wrenn-tui create` once first")
     return snap

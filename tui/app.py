@@ -293,7 +293,7 @@ class WrennApp(App[None]):
             host=host,
             room=capacity(
                 host,
-                (self.sampler.latest(c.id) for c in running),
+                (cost.total for cost in self.backend.host_costs().values()),
                 self.backend.default_memory_mib,
             ),
             running=len(running),

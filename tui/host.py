@@ -11,8 +11,6 @@ from pathlib import Path
 
 import psutil
 
-from backend.sampler import Sample
-
 
 @dataclass(frozen=True)
 class HostTotals:
@@ -68,7 +66,7 @@ class Capacity:
     """Host bytes one more capsule is expected to cost."""
     basis: str
     capsules_cost: int
-    """What the running capsules cost the host now (sum of their VMM processes' RSS)."""
+    """What the running capsules cost the host now (the sum of their host costs)."""
     fits: int
     disk_fits: bool | None
     """Whether the state dir has room for one more capsule's snapshot (None: unknown)."""
@@ -83,15 +81,14 @@ class Capacity:
         return tuple(found)
 
 
-def capacity(host: HostTotals, samples: Iterable[Sample | None], default_mib: int) -> Capacity:
-    """The measure used: the mean RSS of the running capsules' QEMU processes (guest RAM they
-    touched, shared RAM-file pages included, plus QEMU itself); with none running, the default
-    guest size. RSS overstates what identical clones cost when pages are shared; the density
-    work replaces it with PSS."""
-    rss = [s.host_rss for s in samples if s is not None and s.host_rss]
-    if rss:
-        per_capsule = sum(rss) // len(rss)
-        basis = f"mean QEMU RSS of {len(rss)} running"
+def capacity(host: HostTotals, costs: Iterable[int], default_mib: int) -> Capacity:
+    """The measure used: the mean host cost of the running capsules (backend/capsules/
+    hostcost.py: QEMU's own memory plus the capsule's share of its template's RAM, or its own
+    RAM file); with none running, the default guest size."""
+    known = [c for c in costs if c]
+    if known:
+        per_capsule = sum(known) // len(known)
+        basis = f"mean host cost of {len(known)} running (own memory + share of the template)"
     else:
         per_capsule = default_mib << 20
         basis = "default guest size (nothing running to measure)"
@@ -99,7 +96,7 @@ def capacity(host: HostTotals, samples: Iterable[Sample | None], default_mib: in
     return Capacity(
         per_capsule=per_capsule,
         basis=basis,
-        capsules_cost=sum(rss),
+        capsules_cost=sum(known),
         fits=max(0, host.available // max(per_capsule, 1)),
         disk_fits=disk_fits,
     )

@@ -61,6 +61,12 @@ async def _write_template(
 ) -> Template:
     with m.layout.work_dir("template") as work:
         captured = await _capture(m, source, work / "capture", prepare=True)
+        if captured.ram_base is not None:
+            # a clone's capture is a diff on its base: a template stands on its own
+            ram_base = await snapshots.open_base(
+                m.bases, Path(captured.ram_base), captured.ram_base_sha256, f"{source.id}"
+            )
+            captured = await asyncio.to_thread(snapshots.materialize, captured, ram_base)
         out = work / name
         out.mkdir(mode=0o700)
         base = Path(source.image_dir) / "rootfs.ext4"
@@ -112,6 +118,8 @@ async def _capture(
         generation = latest_generation(m, source)
         out.mkdir(mode=0o700)
         for part in (snapshots.RAM, snapshots.DISK):
+            if part == snapshots.RAM and generation.is_diff:
+                continue  # a clone's diff: its RAM is the base's plus the pages in vmstate
             await asyncio.to_thread(
                 sparse.sparse_copy, generation.directory / part, out / part, fsync=False
             )
@@ -122,9 +130,7 @@ async def _capture(
     vm = m.vm(source)
     if vm is None:
         raise CapsuleError(f"cannot capture {source.id}: its QEMU is not running")
-    spec = CaptureSpec(
-        source.memory_mib, source.vcpus, source.network, source.accel, source.access_token
-    )
+    base = await m.running_base(source)
     m.save(source.with_(extra={**source.extra, "capturing": True}))
     try:
         async with m.envd(source, timeout=30) as envd:
@@ -132,11 +138,14 @@ async def _capture(
                 vm,
                 envd,
                 out,
-                spec,
+                CaptureSpec.of(source),
                 ram_file=m.layout.ram_file(source.id),
                 disk=m.layout.disk(source.id),
                 keep_running=True,
                 prepare=prepare,
+                base=base,
+                # a template (prepared) is the base of clones; a fork's capture is not
+                for_clones=prepare,
             )
     finally:
         current = m.store.get(source.id)

@@ -50,7 +50,14 @@ from backend.capsules.layout import CapsuleLayout
 from backend.capsules.locks import CapsuleLocks
 from backend.capsules.models import Capsule, Event, Snapshot, State, new_capsule_id
 from backend.capsules.networking import CapsuleNetworks, NetworkUnavailable
-from backend.capsules.snapshots import DiskFrom, SnapshotManifest
+from backend.capsules.ramdiff import RamBases
+from backend.capsules.snapshots import (
+    RAM_BASE,
+    RAM_BASE_SHA256,
+    DiskFrom,
+    RamBase,
+    SnapshotManifest,
+)
 from backend.capsules.store import Store
 from backend.capsules.templates import (
     Template,
@@ -80,9 +87,13 @@ class CapsuleManager:
         *,
         runtime: Runtime | None = None,
         envd: EnvdFactory = real_envd,
+        clones: bool = True,
     ) -> None:
         """`runtime` and `envd` exist for tests (fakes that fail on cue); by default the
-        runtime is QEMU with the probed accelerator (or `accel`)."""
+        runtime is QEMU with the probed accelerator (or `accel`). `clones=False` gives every
+        capsule made from a template a private copy of its RAM instead of a copy-on-write
+        mapping (what was done before issue 21; benchmarks compare the two)."""
+        self.clones = clones
         self.paths = paths
         paths.ensure()
         self.layout = CapsuleLayout(paths)
@@ -91,7 +102,8 @@ class CapsuleManager:
         self.locks = CapsuleLocks(paths.capsules)
         self.networks = CapsuleNetworks(paths.state)
         self.templates = TemplateStore(paths, self.layout)
-        self.warm = WarmSnapshots(self.layout, self.runtime, envd)
+        self.bases = RamBases()
+        self.warm = WarmSnapshots(self.layout, self.runtime, envd, self.bases)
         self._accel = accel
         self._runtime = runtime
         self._envd = envd
@@ -230,6 +242,7 @@ class CapsuleManager:
                 await self._watchdog
             self._watchdog = None
         self.store.close()
+        self.bases.close()
 
     # -- create -----------------------------------------------------------------------------
 
@@ -369,7 +382,7 @@ class CapsuleManager:
             return None
         try:
             restored, _ = await self._start_from(
-                capsule, snap, DiskFrom(), f"template snapshot {key}"
+                capsule, snap, DiskFrom(), f"template snapshot {key}", share=self.clones
             )
             return restored
         except (SnapshotCorrupt, VMMError, EnvdError, OSError) as exc:
@@ -419,6 +432,32 @@ class CapsuleManager:
         tmp.chmod(0o600)
         tmp.rename(path)
 
+    async def _base_for(self, snapshot: SnapshotManifest, share: bool, what: str) -> RamBase | None:
+        """The RAM a capsule restored from `snapshot` maps privately: a diff's base, or with
+        `share` the snapshot itself (a template); None: a RAM file of its own."""
+        if snapshot.ram_base is not None:
+            return await snapshots.open_base(
+                self.bases, Path(snapshot.ram_base), snapshot.ram_base_sha256, what
+            )
+        if share:
+            return await snapshots.open_base(
+                self.bases, snapshot.directory, snapshot.ram_sha256, what
+            )
+        return None
+
+    async def running_base(self, capsule: Capsule) -> RamBase | None:
+        """The base a running clone's RAM maps (None: the capsule has a RAM file of its own)."""
+        path = capsule.extra.get(RAM_BASE)
+        if not isinstance(path, str):
+            return None
+        sha = capsule.extra.get(RAM_BASE_SHA256)
+        return await snapshots.open_base(
+            self.bases,
+            Path(path),
+            sha if isinstance(sha, str) else None,
+            f"the memory of {capsule.id}",
+        )
+
     async def _start_from(
         self,
         capsule: Capsule,
@@ -427,12 +466,22 @@ class CapsuleManager:
         what: str,
         token: str | None = None,
         init_extra: dict[str, object] | None = None,
+        *,
+        share: bool = False,
     ) -> tuple[Capsule, dict[str, float]]:
         """Run `capsule` from a snapshot: envd answers and has the capsule's identity.
 
         `token` is the one envd holds in that snapshot (default: the capsule's own);
-        `init_extra`: more /init fields (a template's process defaults)."""
+        `init_extra`: more /init fields (a template's process defaults). `share`: start as a
+        clone of the snapshot (a template): its RAM a private mapping of the snapshot's. A
+        diff is always restored on its base."""
         started = time.monotonic()
+        base = await self._base_for(snapshot, share, what)
+        extra = {k: v for k, v in capsule.extra.items() if k not in (RAM_BASE, RAM_BASE_SHA256)}
+        if base is not None:
+            extra[RAM_BASE] = base.path
+            extra[RAM_BASE_SHA256] = base.snapshot.ram_sha256
+        capsule = capsule.with_(extra=extra)
         run_dir = self.layout.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.layout.ensure_ram_dir()
@@ -453,6 +502,7 @@ class CapsuleManager:
             disk,
             what,
             started=recorded,
+            base=base,
         )
         capsule = holder[0]
         async with self.envd(capsule, token=token or snapshot.envd_token) as envd:
@@ -527,6 +577,7 @@ class CapsuleManager:
                     f"template {template.name}",
                     # a recipe's ENV, WORKDIR, USER: envd's defaults for every later process
                     init_extra=template.process_defaults(),
+                    share=self.clones,
                 )
             except (SnapshotCorrupt, VMMError, EnvdError, OSError, CapsuleError) as exc:
                 await self._kill(capsule)
@@ -561,7 +612,10 @@ class CapsuleManager:
         return await copying.save_template(self, capsule_id, name)
 
     async def template_remove(self, name: str) -> None:
+        path = self.templates.user(name)
         self.templates.remove(name, lambda: self.template_users(name))
+        if path is not None:
+            self.bases.forget(Path(path.path))
 
     async def fork(self, capsule_id: str, count: int = 1) -> list[Capsule]:
         """`count` new capsules, each with the source's memory and disk at one instant; the

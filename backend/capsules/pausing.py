@@ -21,7 +21,13 @@ from backend.capsules.actions import Action, require
 from backend.capsules.errors import CapsuleError, SnapshotCorrupt
 from backend.capsules.guest import BOOT_DEADLINE_S, init_body
 from backend.capsules.models import Capsule, Snapshot, State
-from backend.capsules.snapshots import CaptureSpec, DiskFrom, SnapshotManifest
+from backend.capsules.snapshots import (
+    RAM_BASE,
+    RAM_BASE_SHA256,
+    CaptureSpec,
+    DiskFrom,
+    SnapshotManifest,
+)
 from backend.runtime.base import VM
 from backend.runtime.ports import free_port, port_is_free
 
@@ -78,19 +84,17 @@ async def _capture_generation(
     final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     final.parent.chmod(0o700)
     shutil.rmtree(tmp, ignore_errors=True)
-    spec = CaptureSpec(
-        capsule.memory_mib, capsule.vcpus, capsule.network, capsule.accel, capsule.access_token
-    )
     async with m.envd(capsule, timeout=30) as envd:
         capture = await snapshots.capture(
             vm,
             envd,
             tmp,
-            spec,
+            CaptureSpec.of(capsule),
             ram_file=m.layout.ram_file(capsule.id),
             disk=m.layout.disk(capsule.id),
             keep_running=False,
             prepare=prepare,
+            base=await m.running_base(capsule),
         )
         try:
             return snapshots.commit(tmp, final)
@@ -242,7 +246,9 @@ async def resume_from_disk(m: CapsuleManager, capsule_id: str) -> Capsule:
         snapshot = latest_generation(m, capsule)
         capsule = _forward_port(m, capsule)
         started = time.monotonic()
-        capsule = m.save(capsule.with_(state=State.RESUMING))
+        # a fresh boot: its RAM is a file of its own, not a clone's mapping of a base
+        extra = {k: v for k, v in capsule.extra.items() if k not in (RAM_BASE, RAM_BASE_SHA256)}
+        capsule = m.save(capsule.with_(state=State.RESUMING, extra=extra))
         what = f"the disk of generation {snapshot.directory.name}"
         try:
             m.layout.run_dir(capsule.id).mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -1,6 +1,7 @@
 """Clone RAM shared with an immutable template, and pauses that save only what differs.
 
-SPIKE (issue 21): reusable pieces, not yet wired into the capsule manager.
+Used by backend/capsules/snapshots.py: a capsule made from a template snapshot (an image's
+warm snapshot or a user template) is a *clone* of it, and its pauses are diffs on it.
 
 **The template** (`TemplateRam`): the template snapshot's guest RAM copied (sparsely) into a
 memfd, then sealed against every change (`F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW |
@@ -40,11 +41,8 @@ a complete VM description: a truncated stream is an error, never a silently shor
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -61,6 +59,7 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 4096
 """x86's TARGET_PAGE_SIZE: the unit of RAM records."""
+ZERO_PAGE = bytes(PAGE_SIZE)
 
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION = 3
@@ -111,10 +110,18 @@ class TemplateRam:
     102 to 256 MiB).
     """
 
-    def __init__(self, fd: int, size: int, sha256: str) -> None:
+    def __init__(self, fd: int, size: int, sha256: str, zero: bytearray | None = None) -> None:
         self.fd = fd
         self.size = size
         self.sha256 = sha256
+        self._zero = zero
+        """1 for each page that reads as zeros (a hole, or data all zero)."""
+
+    def is_zero_page(self, page: int) -> bool:
+        if self._zero is not None:
+            return bool(self._zero[page])
+        offset = page * PAGE_SIZE
+        return self[offset : offset + PAGE_SIZE] == ZERO_PAGE
 
     def __len__(self) -> int:
         return self.size
@@ -136,11 +143,16 @@ class TemplateRam:
                     raise ValueError(f"{ram_file} is {size} bytes, not whole pages")
                 os.ftruncate(fd, size)
                 digest = hashlib.sha256()
+                zero = bytearray(b"\x01") * (size // PAGE_SIZE)
                 for offset, chunk in sparse._data_chunks(src.fileno(), size, digest):
                     if os.pwrite(fd, chunk, offset) != len(chunk):
                         raise OSError(errno.ENOSPC, "short write into the template memfd")
+                    first = offset // PAGE_SIZE
+                    for i in range(0, len(chunk), PAGE_SIZE):
+                        if chunk[i : i + PAGE_SIZE] != ZERO_PAGE:
+                            zero[first + i // PAGE_SIZE] = 0
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-            return cls(fd, size, digest.hexdigest())
+            return cls(fd, size, digest.hexdigest(), zero)
         except BaseException:
             os.close(fd)
             raise
@@ -166,6 +178,68 @@ class TemplateRam:
         os.close(self.fd)
 
 
+class RamBases:
+    """The sealed template memfds of this process, one per base RAM file and checksum, kept
+    open for the life of the process (a clone's QEMU opens its base by path when it starts;
+    once mapped, the memfd lives as long as any clone maps it, whatever this process does).
+
+    Each process that starts clones (the dashboard, `serve`, the CLI) has its own copy of a
+    base: clones started by one process share with each other, not with another's."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], TemplateRam] = {}
+        self._loading: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def open(self, ram_file: Path, sha256: str) -> TemplateRam:
+        """The sealed copy of `ram_file`, which must have the extent checksum `sha256`
+        (BaseChanged otherwise: nothing is kept open then)."""
+        key = (str(ram_file.resolve()), sha256)
+        found = self._open.get(key)
+        if found is not None:
+            return found
+        lock = self._loading.setdefault(key, asyncio.Lock())
+        async with lock:
+            found = self._open.get(key)
+            if found is not None:
+                return found
+            try:
+                ram = await asyncio.to_thread(
+                    TemplateRam.from_file, ram_file, f"wrenn-base-{sha256[:12]}"
+                )
+            except FileNotFoundError:
+                raise BaseChanged(f"{ram_file} is gone") from None
+            if ram.sha256 != sha256:
+                ram.close()
+                raise BaseChanged(f"{ram_file} has changed (checksum mismatch)")
+            self._open[key] = ram
+            return ram
+
+    def forget(self, directory: Path) -> None:
+        """Close the bases under `directory` (a template removed, a snapshot discarded): the
+        clones that map one keep it; new clones open the files again."""
+        root = str(directory.resolve())
+        for key in [k for k in self._open if k[0].startswith(root + os.sep)]:
+            self._open.pop(key).close()
+
+    def allocated_bytes(self) -> int:
+        return sum(ram.allocated_bytes() for ram in self._open.values())
+
+    def allocated_for(self, ram_file: Path) -> int | None:
+        """Bytes held in memory for `ram_file` (None: not open in this process)."""
+        path = str(ram_file.resolve())
+        held = [ram.allocated_bytes() for (p, _), ram in self._open.items() if p == path]
+        return sum(held) if held else None
+
+    def close(self) -> None:
+        for ram in self._open.values():
+            ram.close()
+        self._open.clear()
+
+
+class BaseChanged(Exception):
+    """A base RAM file is missing or no longer what a clone or a diff was made on."""
+
+
 class PageSource(Protocol):
     """The template's RAM as the filter reads it: bytes, an mmap, or a TemplateRam."""
 
@@ -184,6 +258,8 @@ class FilterStats:
     pages: int = 0
     """PAGE records of the template's block in the input."""
     pages_dropped: int = 0
+    zero_dropped: int = 0
+    """ZERO records of the template's block dropped: the template's page is zero as well."""
     zero_records: int = 0
     other_pages: int = 0
     """PAGE records of other blocks (ROMs), always kept."""
@@ -290,6 +366,8 @@ class _Filter:
         """The block a CONTINUE record in the input refers to."""
         self.out_block: bytes | None = None
         """The block a CONTINUE record in the output refers to."""
+        self.covered = bytearray((len(base) + PAGE_SIZE - 1) // PAGE_SIZE)
+        """Pages of the template's block that some record of the input named."""
         self.kept = bytearray((len(base) + PAGE_SIZE - 1) // PAGE_SIZE)
         """Pages of the template's block already in the output: a later copy of such a page
         (a live migration resending it) must never be dropped, or the earlier one would win."""
@@ -412,11 +490,24 @@ class _Filter:
                 raise StreamError(f"RAM record for undeclared block {block!r}")
             if addr + PAGE_SIZE > size:
                 raise StreamError(f"RAM record at {addr:#x} is outside block {block!r}")
+            if block == self.block:
+                self.covered[addr // PAGE_SIZE] = 1
             if kind == RAM_SAVE_FLAG_ZERO:
                 data = r.read(1, "zero page")
                 self.stats.zero_records += 1
                 if block == self.block and self.sink is not None:
                     self.sink(addr, data * PAGE_SIZE)
+                    continue
+                if (
+                    block == self.block
+                    and data == b"\x00"
+                    and addr + PAGE_SIZE <= len(self.base)
+                    and not self.kept[addr // PAGE_SIZE]
+                    and self._base_zero(addr)
+                ):
+                    # the template's page is zero too (the guest freed it: it zeroes what
+                    # it frees): nothing to restore
+                    self.stats.zero_dropped += 1
                     continue
             elif block == self.block and self.sink is not None:
                 self.stats.pages += 1
@@ -444,6 +535,12 @@ class _Filter:
                 name = bytes([len(block)]) + block
             w.write(raw + name + data)
             self.out_block = block
+
+    def _base_zero(self, addr: int) -> bool:
+        check = getattr(self.base, "is_zero_page", None)
+        if check is not None:
+            return bool(check(addr // PAGE_SIZE))
+        return self.base[addr : addr + PAGE_SIZE] == ZERO_PAGE
 
     def _block_list(self, total: int) -> None:
         r, w = self.r, self.w
@@ -482,12 +579,31 @@ class _Filter:
 
 
 def filter_stream(
-    src: BinaryIO, dst: BinaryIO, base: PageSource, block: bytes = TEMPLATE_BLOCK
+    src: BinaryIO,
+    dst: BinaryIO,
+    base: PageSource,
+    block: bytes = TEMPLATE_BLOCK,
+    *,
+    whole: bool = False,
 ) -> FilterStats:
     """Copy QEMU 7.2's migration stream from `src` to `dst`, dropping PAGE records of `block`
     equal to `base` at the same offset. StreamError when the stream is truncated or corrupt
-    (whatever was written to `dst` then is not a usable stream: the caller discards it)."""
-    return _Filter(src, dst, base, block).run()
+    (whatever was written to `dst` then is not a usable stream: the caller discards it).
+
+    `whole`: the stream must name every page of `block` (what QEMU sends for a private RAM
+    block saved while stopped). A stream that does not is not a clone's RAM (a RAM block that
+    is a shared file is left out by `x-ignore-shared`): keeping it as a diff would lose the
+    guest's memory, so it is a StreamError."""
+    f = _Filter(src, dst, base, block)
+    stats = f.run()
+    if whole:
+        missing = f.covered.count(0)
+        if missing:
+            raise StreamError(
+                f"the stream left out {missing} of {len(f.covered)} pages of {block.decode()}: "
+                "this VM's RAM is not a private mapping of the template"
+            )
+    return stats
 
 
 def split_to_ram_file(src: BinaryIO, state: Path, ram_file: Path, template: TemplateRam) -> None:
@@ -512,7 +628,7 @@ def split_to_ram_file(src: BinaryIO, state: Path, ram_file: Path, template: Temp
             else:
                 os.pwrite(fd, page, addr)
 
-        with state.open("wb") as out:
+        with os.fdopen(os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             _Filter(src, out, template, TEMPLATE_BLOCK, sink=put).run()
     except BaseException:
         state.unlink(missing_ok=True)
@@ -522,15 +638,8 @@ def split_to_ram_file(src: BinaryIO, state: Path, ram_file: Path, template: Temp
         os.close(fd)
 
 
-@functools.cache
-def _fallocate() -> Callable[[int, int, int, int], int]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return libc.fallocate
-
-
 def _punch(fd: int, offset: int, length: int) -> None:
-    if _fallocate()(fd, 0x01 | 0x02, offset, length) != 0:  # KEEP_SIZE | PUNCH_HOLE
+    if not sparse._punch(fd, offset, length):
         os.pwrite(fd, bytes(length), offset)
 
 
@@ -550,8 +659,9 @@ def filter_file(src: Path, dst: Path, base: PageSource) -> FilterStats:
 def _filter_fd(read_fd: int, dest: Path, base: PageSource) -> FilterStats:
     with os.fdopen(read_fd, "rb", buffering=0) as fin:
         try:
-            with dest.open("wb") as fout:
-                stats = filter_stream(fin, fout, base)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fout:
+                stats = filter_stream(fin, fout, base, whole=True)
                 fout.flush()
                 os.fsync(fout.fileno())
                 return stats
@@ -592,9 +702,9 @@ async def save_diff(
             except Exception as filter_error:
                 cause = filter_error
         dest.unlink(missing_ok=True)
-        if isinstance(cause, StreamError) and cause is not exc:
-            # the filter stopped reading first (QEMU then failed on a broken pipe): its
-            # message is the one that says what is wrong
+        if isinstance(cause, (StreamError, OSError)) and cause is not exc:
+            # the filter stopped reading first (a bad stream, a full disk) and QEMU then
+            # failed on a broken pipe: the filter's error is the one that says what is wrong
             raise cause from exc
         raise
     finally:

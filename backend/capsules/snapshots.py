@@ -40,6 +40,15 @@ from backend.capsules.disks import make_overlay
 from backend.capsules.envd_client import EnvdError
 from backend.capsules.errors import CapsuleError, SnapshotCorrupt
 from backend.capsules.guest import Envd
+from backend.capsules.models import Capsule
+from backend.capsules.ramdiff import (
+    BaseChanged,
+    RamBases,
+    StreamError,
+    TemplateRam,
+    save_diff,
+    split_to_ram_file,
+)
 from backend.runtime.base import VM, Runtime, VMConfig, VMMError
 
 log = logging.getLogger("wrenn.snapshots")
@@ -49,6 +58,11 @@ MANIFEST = "snapshot.json"
 RAM = "mem"
 DEVICE_STATE = "vmstate"
 DISK = "disk.qcow2"
+
+RAM_BASE = "ram_base"
+"""In a running clone's `extra`: the snapshot directory whose RAM it maps privately."""
+RAM_BASE_SHA256 = "ram_base_sha256"
+"""... and that RAM's checksum when the clone started."""
 
 BALLOON_MARGIN = 24 << 20
 """Memory left to the guest while its balloon is inflated for a snapshot."""
@@ -83,10 +97,20 @@ class SnapshotManifest:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds from the start of the capture to the end of each step."""
     format: int = SNAPSHOT_FORMAT
+    ram_base: str | None = None
+    """A clone's snapshot: the directory of the snapshot whose `mem` its guest RAM was a
+    private mapping of. There is no `mem` here; `vmstate` carries, with the device state, only
+    the pages that differ from that base (backend/capsules/ramdiff.py)."""
+    ram_base_sha256: str = ""
+    """The base's `ram_sha256` when this was saved: a base that changed is never used."""
 
     @property
     def directory(self) -> Path:
         return Path(self.path)
+
+    @property
+    def is_diff(self) -> bool:
+        return self.ram_base is not None
 
     @property
     def total_allocated(self) -> int:
@@ -115,6 +139,34 @@ class SnapshotManifest:
 
 
 @dataclass(frozen=True)
+class RamBase:
+    """A clone's shared RAM: a (full) snapshot and the sealed copy of its `mem`."""
+
+    snapshot: SnapshotManifest
+    ram: TemplateRam
+
+    @property
+    def path(self) -> str:
+        return self.snapshot.path
+
+
+async def open_base(bases: RamBases, directory: Path, sha256: str | None, what: str) -> RamBase:
+    """The base snapshot in `directory` with its RAM sealed in memory. `sha256`: the RAM
+    checksum a diff or a running clone was made on (None: whatever the manifest says).
+    SnapshotCorrupt when the base is gone, changed, or not a full snapshot."""
+    base = SnapshotManifest.load(directory)
+    if base is None or base.is_diff:
+        raise SnapshotCorrupt(f"{what} was made on {directory}, which is gone")
+    if sha256 is not None and base.ram_sha256 != sha256:
+        raise SnapshotCorrupt(f"{what} was made on {directory}, which has changed since")
+    try:
+        ram = await bases.open(directory / RAM, base.ram_sha256)
+    except BaseChanged as exc:
+        raise SnapshotCorrupt(f"RAM of {directory} is unusable: {exc}") from exc
+    return RamBase(base, ram)
+
+
+@dataclass(frozen=True)
 class CaptureSpec:
     """What the VM being captured was started with (recorded in the manifest)."""
 
@@ -123,6 +175,12 @@ class CaptureSpec:
     network: str
     accel: str
     envd_token: str | None
+
+    @classmethod
+    def of(cls, capsule: Capsule) -> CaptureSpec:
+        return cls(
+            capsule.memory_mib, capsule.vcpus, capsule.network, capsule.accel, capsule.access_token
+        )
 
 
 class Capture:
@@ -160,6 +218,8 @@ async def capture(
     disk: Path,
     keep_running: bool,
     prepare: bool = True,
+    base: RamBase | None = None,
+    for_clones: bool = False,
 ) -> Capture:
     """Write the VM's state into the new directory `out` (see the module docstring).
 
@@ -167,6 +227,16 @@ async def capture(
     hard-linked: the caller commits, then quits the VM, or calls `resume_guest` if the commit
     fails. `keep_running=True` (template create, fork) copies the disk and runs the VM again
     as soon as RAM and disk are copied. `prepare=False` skips the guest's page-cache drop.
+
+    `base`: the VM is a clone of it (its RAM a private mapping of the base's sealed memfd):
+    the snapshot is a diff, `vmstate` holding the device state and only the pages that differ
+    from the base, and no `mem`. The balloon is left alone (QEMU 7.2 cannot give a clone's
+    pages back: its discards fail on the sealed memfd).
+
+    `for_clones`: the snapshot is a template, the base of clones. The balloon stays deflated:
+    a clone deflating it would free, and so zero (the guest zeroes what it frees), every page
+    it held, each becoming a private copy. Its RAM is saved without its zero pages instead
+    (the guest's free memory is zero), so the file holds the working set all the same.
     """
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -177,6 +247,7 @@ async def capture(
     out.mkdir(mode=0o700)
     inflated = stopped = False
     stopped_at = 0.0
+    diff_pages = 0
     try:
         if prepare and envd is not None:
             try:
@@ -184,17 +255,31 @@ async def capture(
             except EnvdError as exc:
                 raise CapsuleError(f"envd could not prepare the snapshot: {exc}") from exc
             mark("prepare")
-            inflated = await inflate_balloon(vm, spec.memory_mib, prepared)
-            if not inflated:
-                await wait_free_page_reporting(ram_file)
-            mark("reclaim")
-        async with vm.session():
-            await vm.stop()
+            if base is None and not for_clones:
+                inflated = await inflate_balloon(vm, spec.memory_mib, prepared)
+                if not inflated:
+                    await wait_free_page_reporting(ram_file)
+                mark("reclaim")
+        if base is not None:
             stopped, stopped_at = True, time.monotonic()
-            await vm.snapshot_create(out / DEVICE_STATE)
-        mark("device_state")
-        ram = await asyncio.to_thread(sparse.sparse_copy, ram_file, out / RAM, fsync=False)
-        mark("ram_copy")
+            try:
+                stats = await save_diff(vm, out / DEVICE_STATE, base.ram)
+            except StreamError as exc:
+                raise CapsuleError(f"saving the RAM diff failed: {exc}") from exc
+            diff_pages = stats.pages - stats.pages_dropped
+            mark("device_state")
+            ram = sparse.CopyResult(size=spec.memory_mib << 20, allocated=0, sha256="")
+        else:
+            async with vm.session():
+                await vm.stop()
+                stopped, stopped_at = True, time.monotonic()
+                await vm.snapshot_create(out / DEVICE_STATE)
+            mark("device_state")
+            ram = await asyncio.to_thread(sparse.sparse_copy, ram_file, out / RAM, fsync=False)
+            mark("ram_copy")
+            if for_clones:
+                ram = await asyncio.to_thread(_without_zero_pages, out / RAM)
+                mark("zero_pages")
         if keep_running:
             copied = await asyncio.to_thread(sparse.sparse_copy, disk, out / DISK, fsync=False)
             disk_sha = copied.sha256
@@ -208,7 +293,8 @@ async def capture(
             stopped_s = time.monotonic() - stopped_at
             mark("disk")
         for name in (RAM, DEVICE_STATE, DISK):
-            await asyncio.to_thread(sparse.fsync_file, out / name)
+            if (out / name).exists():
+                await asyncio.to_thread(sparse.fsync_file, out / name)
         manifest = SnapshotManifest(
             path=str(out),
             created_at=time.time(),
@@ -224,8 +310,12 @@ async def capture(
             state_size=(out / DEVICE_STATE).stat().st_size,
             state_sha256=sparse.sha256_file(out / DEVICE_STATE),
             envd_token=spec.envd_token,
+            ram_base=base.path if base is not None else None,
+            ram_base_sha256=base.snapshot.ram_sha256 if base is not None else "",
         )
         mark("durable")
+        if base is not None:
+            timings["diff_pages"] = diff_pages
         manifest = replace(manifest, timings=timings)
         manifest.write()
         sparse.fsync_dir(out)
@@ -236,6 +326,15 @@ async def capture(
                 await resume_guest(vm, envd, spec.memory_mib, inflated, stopped=stopped)
         raise
     return Capture(manifest, vm, envd, spec.memory_mib, inflated and not keep_running, stopped_s)
+
+
+def _without_zero_pages(ram: Path) -> sparse.CopyResult:
+    sparse.punch_zero_pages(ram)
+    return sparse.CopyResult(
+        size=ram.stat().st_size,
+        allocated=sparse.allocated_bytes(ram),
+        sha256=sparse.sparse_checksum(ram),
+    )
 
 
 def commit(tmp: Path, final: Path) -> SnapshotManifest:
@@ -390,23 +489,32 @@ async def restore(
     what: str,
     *,
     started: Callable[[VM], Awaitable[None] | None] | None = None,
+    base: RamBase | None = None,
 ) -> tuple[VM, dict[str, float]]:
     """Start `config`'s VM from `snapshot`, running (envd not yet asked: see `bring_up`).
 
-    The RAM file is created fresh (O_EXCL) in its private directory; `started` is called with
-    the VM as soon as its process exists (the caller records the pid before anything else
-    can fail). SnapshotCorrupt when a checksum does not match; nothing is left running then.
+    Guest RAM is either a new private RAM file (created O_EXCL in its private directory and
+    filled from the snapshot's `mem` while QEMU starts), or, with `base`, a private mapping of
+    the base's sealed memfd: a clone, sharing every page it does not write (`snapshot` is then
+    the base itself, or a diff on it). `started` is called with the VM as soon as its process
+    exists (the caller records the pid before anything else can fail). SnapshotCorrupt when a
+    checksum does not match; nothing is left running then.
     """
     begin = time.monotonic()
     timings: dict[str, float] = {}
+    if snapshot.is_diff and (base is None or base.path != snapshot.ram_base):
+        raise CapsuleError(f"{what} is a diff on {snapshot.ram_base}: restore it on that base")
     await asyncio.to_thread(verify_state, snapshot, what)
     await place_disk(snapshot, config.disk, disk, what)
     timings["disk"] = round(time.monotonic() - begin, 3)
-    size = (snapshot.directory / RAM).stat().st_size
-    await asyncio.to_thread(sparse.create_holes, config.ram_file, size)
-    vm = await runtime.restore(
-        config, snapshot.directory / DEVICE_STATE, ready=fill_ram(snapshot, config.ram_file, what)
-    )
+    ready: Awaitable[None] | None = None
+    if base is not None:
+        config = replace(config, ram_private_base=base.ram.mem_path)
+    else:
+        size = (snapshot.directory / RAM).stat().st_size
+        await asyncio.to_thread(sparse.create_holes, config.ram_file, size)
+        ready = fill_ram(snapshot, config.ram_file, what)
+    vm = await runtime.restore(config, snapshot.directory / DEVICE_STATE, ready=ready)
     timings["restore"] = round(time.monotonic() - begin, 3)
     if started is not None:
         try:
@@ -418,6 +526,33 @@ async def restore(
             await vm.wait_exit(5)
             raise
     return vm, timings
+
+
+def materialize(captured: SnapshotManifest, base: RamBase) -> SnapshotManifest:
+    """Turn a diff (in its own, uncommitted directory) into a full snapshot in place: `mem`
+    becomes the base's RAM with the diff's pages over it, `vmstate` the device state alone.
+    For a template saved from a clone: it must outlive the base it came from."""
+    directory = captured.directory
+    state = directory / DEVICE_STATE
+    diff = state.with_name(DEVICE_STATE + ".diff")
+    state.rename(diff)
+    with diff.open("rb") as src:
+        split_to_ram_file(src, state, directory / RAM, base.ram)
+    diff.unlink()
+    ram_sha = sparse.sparse_checksum(directory / RAM)
+    for name in (RAM, DEVICE_STATE):
+        sparse.fsync_file(directory / name)
+    manifest = replace(
+        captured,
+        ram_allocated=sparse.allocated_bytes(directory / RAM),
+        ram_sha256=ram_sha,
+        state_size=state.stat().st_size,
+        state_sha256=sparse.sha256_file(state),
+        ram_base=None,
+        ram_base_sha256="",
+    )
+    manifest.write()
+    return manifest
 
 
 async def bring_up(

@@ -36,12 +36,13 @@ from backend.capsules.envd_client import EnvdError
 from backend.capsules.errors import CapsuleError, CapsuleNotFound
 from backend.capsules.guest import EnvdFactory
 from backend.capsules.layout import CapsuleLayout
+from backend.capsules.ramdiff import RamBases
 from backend.capsules.snapshots import CaptureSpec, SnapshotManifest
 from backend.config import Paths
 from backend.image.builder import ImageBuilder
 from backend.image.manifest import MANIFEST_NAME
 from backend.runtime import network as net
-from backend.runtime.base import Runtime, VMConfig, VMMError
+from backend.runtime.base import GUEST_BOOT, Runtime, VMConfig, VMMError
 from backend.runtime.ports import free_port
 
 BOOT_DEADLINE_S = 240.0
@@ -81,7 +82,7 @@ def check_name(name: str) -> str:
 def snapshot_key(memory_mib: int, vcpus: int, accel: str, network: str = "none") -> str:
     # slirp's migrated state only restores into the same network mode
     suffix = "" if network == "none" else f"-{network}"
-    return f"{memory_mib}m-{vcpus}c-{accel}{suffix}"
+    return f"{memory_mib}m-{vcpus}c-{accel}{suffix}-{GUEST_BOOT}"
 
 
 def init_defaults(env: dict[str, str], workdir: str, user: str) -> dict[str, object]:
@@ -279,10 +280,12 @@ class WarmSnapshots:
         layout: CapsuleLayout,
         runtime: Callable[[Path], Runtime],
         envd: EnvdFactory,
+        bases: RamBases | None = None,
     ) -> None:
         self.layout = layout
         self._runtime = runtime
         self._envd = envd
+        self._bases = bases
 
     def directory(self, image_dir: Path, key: str) -> Path:
         return image_dir / "snapshots" / key
@@ -291,6 +294,10 @@ class WarmSnapshots:
         return SnapshotManifest.load(self.directory(image_dir, key))
 
     def discard(self, image_dir: Path, key: str) -> None:
+        """Remove a snapshot found corrupt (clones that map its RAM keep their copy; a
+        paused clone's diff on it can no longer be resumed, which its resume says)."""
+        if self._bases is not None:
+            self._bases.forget(self.directory(image_dir, key))
         shutil.rmtree(self.directory(image_dir, key), ignore_errors=True)
         self._record(image_dir, key, None)
 
@@ -390,6 +397,7 @@ class WarmSnapshots:
                         ram_file=config.ram_file,
                         disk=config.disk,
                         keep_running=False,
+                        for_clones=True,
                     )
                 await vm.quit()
                 vm = None

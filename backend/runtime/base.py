@@ -39,6 +39,12 @@ class MigrationFailed(VMMError):
     """Saving or loading device state failed or timed out."""
 
 
+GUEST_BOOT = "z1"
+"""Changes whenever the guest kernel's command line does (a snapshot keeps the kernel state it
+booted with): part of the warm snapshot's key, so an older one is never restored (z1: the
+guest zeroes the pages it frees)."""
+
+
 @dataclass(frozen=True)
 class VMConfig:
     """Everything needed to start (or restore) one capsule's VM. Restore needs the same."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from backend.capsules.hostcost import rss_anon
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.config import Paths
+from backend.sparse import allocated_bytes
 from tests.integration.conftest import destroy_all, sh
 from tests.tui.fakes import FrozenSampler, sample
 from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
@@ -26,10 +29,9 @@ GIB = 2**30
 MIB = 2**20
 
 
-def test_capacity_from_the_running_capsules_rss() -> None:
+def test_capacity_from_the_running_capsules_host_cost() -> None:
     host = HostTotals(cpu_pct=5, mem_used=4 * GIB, mem_total=16 * GIB, mem_available=12 * GIB)
-    room = capacity(host, [sample("a", 100, 1), sample("b", 100, 1), None], 256)
-    # fakes.sample: host RSS = guest used + 180 MiB
+    room = capacity(host, [280 * MIB, 280 * MIB], 256)
     assert room.per_capsule == 280 * MIB
     assert room.capsules_cost == 560 * MIB
     assert room.fits == (12 * GIB) // (280 * MIB)
@@ -65,7 +67,9 @@ async def test_status_line_warns_when_one_more_capsule_would_not_fit(
 
 
 async def test_host_view_measures_and_frees_only_orphans(manager: CapsuleManager) -> None:
-    running = seed_capsule(manager.store, 0, State.RUNNING)
+    # a process stands for its QEMU: its own memory plus its RAM file is what it costs
+    stand_in = subprocess.Popen(["sleep", "120"])
+    running = seed_capsule(manager.store, 0, State.RUNNING, pid=stand_in.pid)
     paused = seed_capsule(manager.store, 1, State.PAUSED, generation=1)
     layout = manager.layout
     layout.ensure_ram_dir()
@@ -77,12 +81,14 @@ async def test_host_view_measures_and_frees_only_orphans(manager: CapsuleManager
     frozen.put(sample(running.id, 100, 5.0))
     app = RecordingApp(manager=manager, sampler=frozen, accel="tcg", cursor_blink=False)
     try:
-        await _host_view(app, orphan, kept)
+        await _host_view(app, orphan, kept, stand_in.pid)
     finally:
+        stand_in.kill()
+        stand_in.wait()
         shutil.rmtree(layout.ram_dir, ignore_errors=True)  # in the real /dev/shm
 
 
-async def _host_view(app: RecordingApp, orphan: Path, kept: Path) -> None:
+async def _host_view(app: RecordingApp, orphan: Path, kept: Path, pid: int) -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("H")
         assert isinstance(app.screen, HostScreen)
@@ -91,7 +97,11 @@ async def _host_view(app: RecordingApp, orphan: Path, kept: Path) -> None:
         report = screen.report
         assert report is not None and report.usage is not None
         assert report.running == 1
-        assert report.room.capsules_cost == 280 * MIB  # the running capsule's QEMU RSS
+        own = rss_anon(pid)
+        assert own is not None
+        # the running capsule's cost: its process's own memory and its RAM file
+        assert report.room.capsules_cost == own + allocated_bytes(kept)
+        assert "host cost" in report.room.basis
         assert report.usage.used["guest RAM files"] >= 3 * MIB
         assert [item.path for item in report.usage.reclaimable] == [orphan]
         labels = [label for label, _ in disk_rows(report)]
@@ -130,10 +140,10 @@ async def test_freeing_space_beside_a_paused_and_a_running_capsule(tui_paths: Pa
             await sh(manager, paused.id, "echo still-here > /root/marker")
             await app.backend.pause(paused.id)
             running = await app.backend.create("default", 256, 1, "none")
-            ram_of_running = layout.ram_file(running.id)
-            assert ram_of_running.exists()
+            # a clone of the template: its RAM is the template's, no file of its own
+            assert not layout.ram_file(running.id).exists()
             generation = layout.generation(paused.id, manager.get(paused.id).generation)
-            needed = [ram_of_running, *generation.iterdir(), layout.disk(running.id)]
+            needed = [*generation.iterdir(), layout.disk(running.id)]
             orphans = [
                 write_file(layout.ram_dir / "cl-crashed00000.mem", age_s=3600),
                 write_file(layout.ram_file(paused.id)),  # a crash left it after the snapshot

@@ -397,3 +397,37 @@ def test_build_argv_maps_a_private_base_share_off_and_leaves_the_default_alone(
     assert not any(str(tmp_path / "mem") in a for a in private)
     hint = build_argv(replace(config, free_page_hint=True))
     assert f"{balloon},free-page-hint=on,iothread=balloon-io" in hint
+
+
+def test_a_stream_that_leaves_out_pages_of_the_block_is_not_taken_for_a_clones_ram() -> None:
+    """A VM whose RAM is a shared file (not a clone) saves no page of it with
+    x-ignore-shared: taken as a diff, that would be a pause that loses the guest's memory."""
+    everything = [
+        page(i * PAGE_SIZE, BASE[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], b"mem0")
+        for i in range(PAGES)
+    ]
+    out = io.BytesIO()
+    stats = filter_stream(io.BytesIO(stream(everything)), out, BASE, whole=True)
+    assert stats.pages_dropped == PAGES
+    for records in ([], everything[:-1], [zero(0, b"mem0")]):
+        with pytest.raises(StreamError, match="left out"):
+            filter_stream(io.BytesIO(stream(records)), io.BytesIO(), BASE, whole=True)
+    # without `whole` (a stream filtered again, a test stream) a partial block is fine
+    filter_stream(io.BytesIO(stream(everything[:3])), io.BytesIO(), BASE)
+
+
+def test_a_zero_page_where_the_template_is_zero_too_is_dropped() -> None:
+    """The guest zeroes what it frees: such pages need no record when the template's page
+    reads as zeros (a hole); where the template has data, the zero page must be kept."""
+    base = bytearray(BASE)
+    base[3 * PAGE_SIZE : 4 * PAGE_SIZE] = bytes(PAGE_SIZE)
+    records = [zero(3 * PAGE_SIZE, b"mem0"), zero(5 * PAGE_SIZE, None)]
+    out = io.BytesIO()
+    stats = filter_stream(io.BytesIO(stream(records)), out, bytes(base))
+    assert stats.zero_dropped == 1
+    mem, _ = load(out.getvalue())
+    expected = bytearray(BASE)
+    expected[5 * PAGE_SIZE : 6 * PAGE_SIZE] = bytes(PAGE_SIZE)
+    # page 3 was dropped (the loader's base has data there: it is left as it was);
+    # page 5 is zeroed over the template's data
+    assert mem == bytes(expected)

@@ -151,6 +151,21 @@ class DetailScreen(Screen[None]):
         text.append(f"  {capsule.accel.upper()}  network {network}  envd :{capsule.host_port}")
         if capsule.state == State.RUNNING and capsule.started_at is not None:
             text.append(f"  up {fmt.duration(self.wrenn.clock() - capsule.started_at)}")
+        cost = self.wrenn.backend.host_costs().get(capsule.id)
+        if cost is not None:
+            text.append("\nhost memory ", style="dim")
+            text.append(fmt.size(cost.total), style="bold")
+            if cost.sharing:
+                text.append(
+                    f" = {fmt.size(cost.own)} its own + {fmt.size(cost.template_share)} share of "
+                    f"the template's {fmt.size(cost.template)} ({cost.sharing} running)",
+                    style="dim",
+                )
+            else:
+                text.append(
+                    f" = {fmt.size(cost.own)} QEMU + {fmt.size(cost.ram_file)} RAM file",
+                    style="dim",
+                )
         if capsule.reason:
             text.append(f"\n{capsule.reason}", style="red")
         self.query_one("#summary", Static).update(text)
@@ -166,7 +181,7 @@ class DetailScreen(Screen[None]):
         memory = [
             Series("guest used", _to_mib(history("guest_mem_used")), "green"),
             Series("guest cache", _to_mib(history("guest_mem_cache")), "blue"),
-            Series("host RSS", _to_mib(history("host_rss")), "orange"),
+            Series("QEMU RSS", _to_mib(history("host_rss")), "orange"),
         ]
         top_mem = max([capsule.memory_mib, *(v for s in memory for _, v in s.points)])
         self.query_one("#mem-chart", MetricChart).plot(memory, now, window_s, top_mem * 1.05)

@@ -265,7 +265,7 @@ class MainScreen(Screen[None]):
         host = app.host_probe()
         room = capacity(
             host,
-            (app.sampler.latest(c.id) for c in capsules if c.state == State.RUNNING),
+            (cost.total for cost in app.backend.host_costs().values()),
             app.backend.default_memory_mib,
         )
         self.query_one(StatusBar).show(

@@ -1,0 +1,174 @@
+"""Capsules made from a template are clones of it (issue 21): their RAM is a private mapping of
+the template's sealed RAM, and their pauses are diffs on it. Real VMs, through the manager."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from backend.capsules.errors import CapsuleError
+from backend.capsules.manager import CapsuleManager
+from backend.capsules.models import State
+from backend.capsules.snapshots import RAM_BASE, SnapshotManifest, open_base
+from backend.capsules.templates import TemplateInUse
+from backend.config import Paths
+from tests.integration.conftest import destroy_all, sh
+
+# 24 MB in guest RAM (tmpfs) and a file on the disk; the checksums say whether they survived
+WRITE = (
+    "head -c 24000000 /dev/urandom > /dev/shm/ram.bin && sync && "
+    "echo disk-{tag} > /root/disk.txt && sha256sum /dev/shm/ram.bin | cut -c1-64"
+)
+READ = "sha256sum /dev/shm/ram.bin | cut -c1-64; cat /root/disk.txt"
+
+
+def _base_mapping(pid: int) -> dict[str, int]:
+    """The smaps entry of a clone's guest RAM: the private mapping of the base's memfd."""
+    found: dict[str, int] = {}
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and ":" not in first:
+                inside = "memfd:wrenn-base" in line
+                continue
+            if inside:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[-1] == "kB":
+                    found[key] = found.get(key, 0) + int(parts[0]) * 1024
+    return found
+
+
+async def test_clones_share_their_template_and_diverge_on_write(manager: CapsuleManager) -> None:
+    a = await manager.create()
+    b = await manager.create()
+    base = a.extra[RAM_BASE]
+    assert b.extra[RAM_BASE] == base
+    assert not manager.layout.ram_file(a.id).exists()  # no private copy of the RAM
+    ram = (await open_base(manager.bases, Path(base), None, "the test")).ram
+    sealed_sha = ram.checksum()
+    written = (await sh(manager, a.id, WRITE.format(tag="a"))).strip()
+    assert (await sh(manager, a.id, READ)).split() == [written, "disk-a"]
+    # never seen in the other clone, nor in a clone made afterwards
+    for other in (b, await manager.create()):
+        out = await sh(manager, other.id, "cat /dev/shm/ram.bin /root/disk.txt 2>&1 || true")
+        assert "No such file" in out and "disk-a" not in out
+    # the template's RAM did not change, and nobody can change it
+    assert ram.checksum() == sealed_sha
+    with pytest.raises(PermissionError):
+        fd = os.open(ram.mem_path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x", 4096)
+        finally:
+            os.close(fd)
+    # the clones really share: most of each one's guest RAM is the template's pages
+    for clone in (a, b):
+        assert clone.pid is not None
+        mapping = _base_mapping(clone.pid)
+        shared = mapping.get("Shared_Clean", 0) + mapping.get("Shared_Dirty", 0)
+        assert shared > 16 << 20, mapping
+    # A's private copies hold its 24 MB; B wrote nothing of the sort
+    assert a.pid is not None and b.pid is not None
+    assert _base_mapping(a.pid)["Anonymous"] > _base_mapping(b.pid)["Anonymous"] + (20 << 20)
+
+
+async def test_a_clone_pauses_to_a_diff_and_loses_nothing_across_resumes_and_restarts(
+    paths: Paths,
+) -> None:
+    manager = CapsuleManager(paths)
+    await manager.start(watchdog=False)
+    try:
+        capsule = await manager.create()
+        written = (await sh(manager, capsule.id, WRITE.format(tag="x"))).strip()
+        for _ in range(2):
+            snap = await manager.pause(capsule.id)
+            manifest = SnapshotManifest.load(Path(snap.path))
+            assert manifest is not None and manifest.ram_base == capsule.extra[RAM_BASE]
+            assert not (Path(snap.path) / "mem").exists()
+            # the diff holds the 24 MB written, not the guest's 256 MiB
+            assert 24 << 20 < manifest.state_size < 120 << 20, manifest.state_size
+            await manager.resume(capsule.id)
+            assert (await sh(manager, capsule.id, READ)).split() == [written, "disk-x"]
+        await manager.pause(capsule.id)
+    finally:
+        await manager.close()
+    # a new agent process: the base is opened again from disk (checksum verified)
+    again = CapsuleManager(paths)
+    await again.start(watchdog=False)
+    try:
+        resumed = await again.resume(capsule.id)
+        assert resumed.extra[RAM_BASE] == capsule.extra[RAM_BASE]
+        assert (await sh(again, capsule.id, READ)).split() == [written, "disk-x"]
+        # a fork of a clone: clones of the same base, with the source's memory
+        forks = await again.fork(capsule.id, 2)
+        for fork in forks:
+            assert fork.extra[RAM_BASE] == capsule.extra[RAM_BASE]
+            assert (await sh(again, fork.id, READ)).split() == [written, "disk-x"]
+        await sh(again, forks[0].id, "echo changed > /root/disk.txt; rm /dev/shm/ram.bin")
+        assert (await sh(again, forks[1].id, READ)).split() == [written, "disk-x"]
+        assert (await sh(again, capsule.id, READ)).split() == [written, "disk-x"]
+    finally:
+        await again.close()
+        await destroy_all(paths)
+
+
+async def test_a_template_from_a_clone_stands_alone_and_cannot_go_while_clones_use_it(
+    manager: CapsuleManager,
+) -> None:
+    source = await manager.create()
+    written = (await sh(manager, source.id, WRITE.format(tag="t"))).strip()
+    template = await manager.template_create(source.id, "clone-tpl")
+    saved = SnapshotManifest.load(Path(template.path))
+    assert saved is not None and saved.ram_base is None  # its own RAM file
+    assert (Path(template.path) / "mem").is_file()
+    await manager.destroy(source.id)
+    made = await manager.create(template="clone-tpl")
+    assert made.extra[RAM_BASE] == template.path
+    assert (await sh(manager, made.id, READ)).split() == [written, "disk-t"]
+    await manager.pause(made.id)
+    # its paused diff needs the template: it cannot be removed, and it still works after
+    with pytest.raises(TemplateInUse):
+        await manager.template_remove("clone-tpl")
+    await manager.resume(made.id)
+    assert (await sh(manager, made.id, READ)).split() == [written, "disk-t"]
+    await manager.destroy(made.id)
+    await manager.template_remove("clone-tpl")
+
+
+async def test_a_changed_base_is_refused_and_the_paused_clone_loses_nothing(
+    paths: Paths,
+) -> None:
+    manager = CapsuleManager(paths)
+    await manager.start(watchdog=False)
+    capsule = await manager.create()
+    try:
+        written = (await sh(manager, capsule.id, WRITE.format(tag="c"))).strip()
+        await manager.pause(capsule.id)
+    finally:
+        await manager.close()
+    base_mem = Path(capsule.extra[RAM_BASE]) / "mem"
+    # find a data page of the base and flip one byte of it
+    with base_mem.open("r+b") as f:
+        offset = os.lseek(f.fileno(), 0, os.SEEK_DATA)
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    other = CapsuleManager(paths)
+    await other.start(watchdog=False)
+    try:
+        with pytest.raises(CapsuleError, match="changed"):
+            await other.resume(capsule.id)
+        assert other.get(capsule.id).state == State.PAUSED
+        # put the byte back: the diff was never touched, the capsule resumes whole
+        with base_mem.open("r+b") as f:
+            f.seek(offset)
+            f.write(byte)
+        await other.resume(capsule.id)
+        assert (await sh(other, capsule.id, READ)).split() == [written, "disk-c"]
+    finally:
+        await other.close()
+        await destroy_all(paths)
