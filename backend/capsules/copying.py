@@ -144,8 +144,6 @@ async def _capture(
                 keep_running=True,
                 prepare=prepare,
                 base=base,
-                # a template (prepared) is the base of clones; a fork's capture is not
-                for_clones=prepare,
             )
     finally:
         current = m.store.get(source.id)

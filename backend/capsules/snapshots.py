@@ -6,18 +6,20 @@ taken with). Pause writes one as a capsule's next generation, `template create` 
 `fork` as the shared start of its clones, and the image builder as the built-in template.
 
 Writing (`capture`):
-  envd /snapshot/prepare (sync, drop the page cache, hold the reclaimer) -> balloon inflated
-  to all but BALLOON_MARGIN of what the guest has available (QEMU punches those pages out of the
-  RAM file at once; waiting for free-page reporting is the fallback) -> QMP `stop` -> device
-  state (x-ignore-shared: RAM is the shared file) -> RAM copied sparsely -> disk linked (pause:
-  the VM never runs again on it) or copied (the VM goes on) -> [keep_running: `cont`, balloon
-  deflated, envd's hold released] -> checksums, manifest, fsync. The caller `commit`s it by
-  renaming the directory into place, so a crash or a full disk never leaves a half snapshot
-  visible; on any failure the directory is removed and a VM that was running runs again.
+  envd /snapshot/prepare (sync, drop the page cache, hold the reclaimer; the guest zeroes what
+  it frees, `init_on_free=1`) -> QMP `stop` -> device state (x-ignore-shared: RAM is the
+  shared file) -> RAM copied sparsely, its zero pages punched out -> disk linked (pause: the VM
+  never runs again on it) or copied (the VM goes on) -> [keep_running: `cont`, envd's hold
+  released] -> checksums, manifest, fsync. A clone's capture is a diff instead (`base`): one
+  migration of all its RAM, filtered down to the pages that differ from its template. The
+  caller `commit`s it by renaming the directory into place, so a crash or a full disk never
+  leaves a half snapshot visible; on any failure the directory is removed and a VM that was
+  running runs again.
 Reading (`restore`): checksums of the device state (and, while copying, of the disk and RAM)
   verified -> disk copied out of the snapshot or overlaid on a template's disk -> RAM file
-  filled while the VMM starts -> device state loaded -> `cont` -> envd /health -> balloon
-  deflated and /init (token, identity, clock, entropy) at once.
+  filled while the VMM starts, or (a clone) the template's sealed RAM mapped privately ->
+  device state loaded -> `cont` -> envd /health -> balloon set to full (a snapshot taken by an
+  older version had it inflated) and /init (token, identity, clock, entropy) at once.
 """
 
 from __future__ import annotations
@@ -63,15 +65,6 @@ RAM_BASE = "ram_base"
 """In a running clone's `extra`: the snapshot directory whose RAM it maps privately."""
 RAM_BASE_SHA256 = "ram_base_sha256"
 """... and that RAM's checksum when the clone started."""
-
-BALLOON_MARGIN = 24 << 20
-"""Memory left to the guest while its balloon is inflated for a snapshot."""
-BALLOON_MAX_WAIT_S = 3.0
-BALLOON_STALL_S = 0.3
-REPORTING_MIN_WAIT_S = 2.3
-"""The guest reports freed pages only after a ~2 s delay; stopping earlier keeps them."""
-REPORTING_SETTLE_S = 0.4
-REPORTING_MAX_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -192,7 +185,6 @@ class Capture:
         vm: VM,
         envd: Envd | None,
         memory_mib: int,
-        inflated: bool,
         stopped_s: float,
     ) -> None:
         self.manifest = manifest
@@ -201,11 +193,10 @@ class Capture:
         self._vm = vm
         self._envd = envd
         self._memory_mib = memory_mib
-        self._inflated = inflated
 
     async def resume_guest(self) -> None:
         """Run the VM again after a capture that stopped it (its commit failed)."""
-        await resume_guest(self._vm, self._envd, self._memory_mib, self._inflated, stopped=True)
+        await resume_guest(self._vm, self._envd, self._memory_mib, False, stopped=True)
 
 
 async def capture(
@@ -219,7 +210,6 @@ async def capture(
     keep_running: bool,
     prepare: bool = True,
     base: RamBase | None = None,
-    for_clones: bool = False,
 ) -> Capture:
     """Write the VM's state into the new directory `out` (see the module docstring).
 
@@ -233,10 +223,11 @@ async def capture(
     from the base, and no `mem`. The balloon is left alone (QEMU 7.2 cannot give a clone's
     pages back: its discards fail on the sealed memfd).
 
-    `for_clones`: the snapshot is a template, the base of clones. The balloon stays deflated:
-    a clone deflating it would free, and so zero (the guest zeroes what it frees), every page
-    it held, each becoming a private copy. Its RAM is saved without its zero pages instead
-    (the guest's free memory is zero), so the file holds the working set all the same.
+    Otherwise `mem` is the RAM file without its zero pages: the guest zeroes what it frees
+    (`init_on_free=1`), so once its page cache is dropped its free memory is zero and the file
+    holds the working set. The balloon is never inflated for a snapshot: the guest would zero
+    every page it gets back on deflating, and a clone of the snapshot would hold each as a
+    private copy.
     """
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -245,21 +236,16 @@ async def capture(
         timings[step] = round(time.monotonic() - started, 3)
 
     out.mkdir(mode=0o700)
-    inflated = stopped = False
+    stopped = False
     stopped_at = 0.0
     diff_pages = 0
     try:
         if prepare and envd is not None:
             try:
-                prepared = await envd.snapshot_prepare()
+                await envd.snapshot_prepare()
             except EnvdError as exc:
                 raise CapsuleError(f"envd could not prepare the snapshot: {exc}") from exc
             mark("prepare")
-            if base is None and not for_clones:
-                inflated = await inflate_balloon(vm, spec.memory_mib, prepared)
-                if not inflated:
-                    await wait_free_page_reporting(ram_file)
-                mark("reclaim")
         if base is not None:
             stopped, stopped_at = True, time.monotonic()
             try:
@@ -277,13 +263,12 @@ async def capture(
             mark("device_state")
             ram = await asyncio.to_thread(sparse.sparse_copy, ram_file, out / RAM, fsync=False)
             mark("ram_copy")
-            if for_clones:
-                ram = await asyncio.to_thread(_without_zero_pages, out / RAM)
-                mark("zero_pages")
+            ram = await asyncio.to_thread(_without_zero_pages, out / RAM)
+            mark("zero_pages")
         if keep_running:
             copied = await asyncio.to_thread(sparse.sparse_copy, disk, out / DISK, fsync=False)
             disk_sha = copied.sha256
-            await resume_guest(vm, envd, spec.memory_mib, inflated, stopped=True)
+            await resume_guest(vm, envd, spec.memory_mib, False, stopped=True)
             stopped = False
             stopped_s = time.monotonic() - stopped_at
             mark("running_again")
@@ -321,11 +306,11 @@ async def capture(
         sparse.fsync_dir(out)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
-        if stopped or inflated or prepare:
+        if stopped or prepare:
             with contextlib.suppress(Exception):
-                await resume_guest(vm, envd, spec.memory_mib, inflated, stopped=stopped)
+                await resume_guest(vm, envd, spec.memory_mib, False, stopped=stopped)
         raise
-    return Capture(manifest, vm, envd, spec.memory_mib, inflated and not keep_running, stopped_s)
+    return Capture(manifest, vm, envd, spec.memory_mib, stopped_s)
 
 
 def _without_zero_pages(ram: Path) -> sparse.CopyResult:
@@ -387,59 +372,6 @@ async def resume_guest(
             errors.append(exc)
     if errors:
         log.warning("resuming the guest after a capture: %s", "; ".join(map(str, errors)))
-
-
-async def inflate_balloon(vm: VM, memory_mib: int, prepared: dict[str, Any]) -> bool:
-    """Take the guest's free memory with the balloon: QEMU punches those pages out of the RAM
-    file at once, where free-page reporting would return them only after ~2 s.
-
-    Leaves the guest BALLOON_MARGIN of headroom; deflate-on-oom gives pages back if it needs
-    more. Returns False (the caller falls back to waiting for reporting) on any failure.
-    """
-    try:
-        available = int(prepared["after"]["mem_available"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    take = available - BALLOON_MARGIN
-    if take <= 0:
-        return False
-    target = (memory_mib << 20) - take
-    try:
-        async with vm.session():
-            await vm.balloon_set(target)
-            # QEMU's BALLOON_CHANGE event is throttled to one a second: poll instead
-            deadline = time.monotonic() + BALLOON_MAX_WAIT_S
-            last, last_change = await vm.balloon_actual(), time.monotonic()
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.03)
-                actual = await vm.balloon_actual()
-                if actual <= target + (1 << 20):
-                    break
-                if actual != last:
-                    last, last_change = actual, time.monotonic()
-                elif time.monotonic() - last_change > BALLOON_STALL_S:
-                    break
-    except VMMError:
-        return False
-    return True
-
-
-async def wait_free_page_reporting(ram_file: Path) -> None:
-    """Wait until the guest has handed the freed page cache back (the RAM file shrinks)."""
-    started = time.monotonic()
-    last = sparse.allocated_bytes(ram_file)
-    last_change = started
-    while True:
-        await asyncio.sleep(0.1)
-        now = time.monotonic()
-        current = sparse.allocated_bytes(ram_file)
-        if current < last:
-            last, last_change = current, now
-        elapsed = now - started
-        if elapsed >= REPORTING_MAX_WAIT_S:
-            return
-        if elapsed >= REPORTING_MIN_WAIT_S and now - last_change >= REPORTING_SETTLE_S:
-            return
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -564,8 +496,9 @@ async def bring_up(
     *,
     balloon: bool = True,
 ) -> None:
-    """After a restore: wait for envd, then give the guest its memory back (snapshots are
-    taken with the balloon inflated) while envd takes its identity, clock and entropy."""
+    """After a restore: wait for envd, then set the balloon to the full size (a no-op but for
+    a snapshot an older version took with it inflated) while envd takes its identity, clock
+    and entropy."""
     await envd.wait_healthy(deadline_s, vm.alive)
     steps: list[Awaitable[Any]] = [envd.init(**body)]
     if balloon:

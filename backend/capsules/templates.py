@@ -397,7 +397,6 @@ class WarmSnapshots:
                         ram_file=config.ram_file,
                         disk=config.disk,
                         keep_running=False,
-                        for_clones=True,
                     )
                 await vm.quit()
                 vm = None
