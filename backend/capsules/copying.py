@@ -53,6 +53,8 @@ async def save_template(m: CapsuleManager, capsule_id: str, name: str, **record:
             "template",
             f"saved as template {name} ({template.allocated / 2**20:.1f} MiB)",
         )
+        if m.clones:
+            m.prefetch_base(Path(template.path))
         return template
 
 

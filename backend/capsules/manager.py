@@ -110,6 +110,7 @@ class CapsuleManager:
         self._vms: dict[str, VM] = {}
         self._listeners: list[Listener] = []
         self._watchdog: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -241,6 +242,10 @@ class CapsuleManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
             self._watchdog = None
+        for task in list(self._background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self.store.close()
         self.bases.close()
 
@@ -444,6 +449,18 @@ class CapsuleManager:
                 self.bases, snapshot.directory, snapshot.ram_sha256, what
             )
         return None
+
+    def prefetch_base(self, directory: Path) -> None:
+        """Seal a new template's RAM in memory in the background, so the first capsule made
+        from it does not wait for that (~0.15 s for 90 MiB here)."""
+
+        async def load() -> None:
+            with contextlib.suppress(Exception):
+                await snapshots.open_base(self.bases, directory, None, str(directory))
+
+        task = asyncio.ensure_future(load())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def running_base(self, capsule: Capsule) -> RamBase | None:
         """The base a running clone's RAM maps (None: the capsule has a RAM file of its own)."""
