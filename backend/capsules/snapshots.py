@@ -8,7 +8,8 @@ taken with). Pause writes one as a capsule's next generation, `template create` 
 Writing (`capture`):
   envd /snapshot/prepare (sync, drop the page cache, hold the reclaimer) -> balloon inflated
   to all but BALLOON_MARGIN of what the guest has available (QEMU punches those pages out of the
-  RAM file at once; waiting for free-page reporting is the fallback) -> QMP `stop` -> device
+  RAM file at once; waiting for free-page reporting is the fallback) -> [release_balloon
+  (templates): balloon deflated again, its pages stay holes] -> QMP `stop` -> device
   state (x-ignore-shared: RAM is the shared file) -> RAM copied sparsely -> disk linked (pause:
   the VM never runs again on it) or copied (the VM goes on) -> [keep_running: `cont`, balloon
   deflated, envd's hold released] -> checksums, manifest, fsync. The caller `commit`s it by
@@ -58,6 +59,9 @@ REPORTING_MIN_WAIT_S = 2.3
 """The guest reports freed pages only after a ~2 s delay; stopping earlier keeps them."""
 REPORTING_SETTLE_S = 0.4
 REPORTING_MAX_WAIT_S = 5.0
+RELEASE_SETTLE_S = 2.5
+"""After a template's balloon is deflated: the guest reports the pages it got back (its ~2 s
+delay) while the template still runs, rather than in every clone after its restore."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ async def capture(
     disk: Path,
     keep_running: bool,
     prepare: bool = True,
+    release_balloon: bool = False,
 ) -> Capture:
     """Write the VM's state into the new directory `out` (see the module docstring).
 
@@ -167,6 +172,13 @@ async def capture(
     hard-linked: the caller commits, then quits the VM, or calls `resume_guest` if the commit
     fails. `keep_running=True` (template create, fork) copies the disk and runs the VM again
     as soon as RAM and disk are copied. `prepare=False` skips the guest's page-cache drop.
+
+    `release_balloon` (templates): once the balloon has emptied the RAM file, deflate it again
+    before the VM stops. The guest gets its pages back as free pages that nothing wrote, so
+    the file keeps its holes, and every VM restored from the snapshot starts with all its
+    memory instead of deflating first: a clone of a shared template then copies 2.9 MiB fewer
+    pages (the guest's page bookkeeping for ~140 MiB of returned pages) and translates less
+    (issue 21). Pauses keep the balloon inflated (their resume deflates; no pause time added).
     """
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -187,6 +199,9 @@ async def capture(
             inflated = await inflate_balloon(vm, spec.memory_mib, prepared)
             if not inflated:
                 await wait_free_page_reporting(ram_file)
+            elif release_balloon and await deflate_balloon(vm, spec.memory_mib):
+                inflated = False
+                await asyncio.sleep(RELEASE_SETTLE_S)
             mark("reclaim")
         async with vm.session():
             await vm.stop()
@@ -323,6 +338,24 @@ async def inflate_balloon(vm: VM, memory_mib: int, prepared: dict[str, Any]) -> 
     except VMMError:
         return False
     return True
+
+
+async def deflate_balloon(vm: VM, memory_mib: int) -> bool:
+    """Give the guest all its memory back and wait until it has it; False on any failure or
+    if it has not got it all within BALLOON_MAX_WAIT_S (the caller then counts the balloon
+    as still inflated)."""
+    target = memory_mib << 20
+    try:
+        async with vm.session():
+            await vm.balloon_set(target)
+            deadline = time.monotonic() + BALLOON_MAX_WAIT_S
+            while time.monotonic() < deadline:
+                if await vm.balloon_actual() >= target:
+                    return True
+                await asyncio.sleep(0.03)
+    except VMMError:
+        return False
+    return False
 
 
 async def wait_free_page_reporting(ram_file: Path) -> None:

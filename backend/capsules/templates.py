@@ -390,6 +390,7 @@ class WarmSnapshots:
                         ram_file=config.ram_file,
                         disk=config.disk,
                         keep_running=False,
+                        release_balloon=True,
                     )
                 await vm.quit()
                 vm = None
