@@ -103,13 +103,11 @@ async def _capture(
     """The source's state at one instant, in `out` (uncommitted): captured from its VM,
     which keeps running, or copied from its latest generation if it is paused.
 
-    `prepare`: drop the guest's page cache and inflate the balloon first, then deflate it
-    again before the copy (a template is kept for long: it is stored at its working set, and
-    its clones start with all their memory; snapshots.capture `release_balloon`). A fork
-    skips it: its clones' RAM came out the same size (206 vs 203 MiB with a 100 MB working
-    set) and fork took 2.5 s instead of 3.0 s, 8 clones 7.1 s instead of 10.7 s. Consistency
-    does not depend on it: RAM and disk are copied with the vCPUs stopped and QEMU's block
-    layer flushed."""
+    `prepare`: drop the guest's page cache and inflate the balloon first (a template is kept
+    for long: it is stored at its working set). A fork skips it: its clones' RAM came out the
+    same size (206 vs 203 MiB with a 100 MB working set) and fork took 2.5 s instead of 3.0 s,
+    8 clones 7.1 s instead of 10.7 s. Consistency does not depend on it: RAM and disk are
+    copied with the vCPUs stopped and QEMU's block layer flushed."""
     if source.state == State.PAUSED:
         generation = latest_generation(m, source)
         out.mkdir(mode=0o700)
@@ -139,7 +137,6 @@ async def _capture(
                 disk=m.layout.disk(source.id),
                 keep_running=True,
                 prepare=prepare,
-                release_balloon=prepare,
             )
     finally:
         current = m.store.get(source.id)

@@ -9,7 +9,7 @@ Writing (`capture`):
   envd /snapshot/prepare (sync, drop the page cache, hold the reclaimer) -> balloon inflated
   to all but BALLOON_MARGIN of what the guest has available (QEMU punches those pages out of the
   RAM file at once; waiting for free-page reporting is the fallback) -> [release_balloon
-  (templates): balloon deflated again, its pages stay holes] -> QMP `stop` -> device
+  (built-in template): balloon deflated again, its pages stay holes] -> QMP `stop` -> device
   state (x-ignore-shared: RAM is the shared file) -> RAM copied sparsely -> disk linked (pause:
   the VM never runs again on it) or copied (the VM goes on) -> [keep_running: `cont`, balloon
   deflated, envd's hold released] -> checksums, manifest, fsync. The caller `commit`s it by
@@ -173,12 +173,13 @@ async def capture(
     fails. `keep_running=True` (template create, fork) copies the disk and runs the VM again
     as soon as RAM and disk are copied. `prepare=False` skips the guest's page-cache drop.
 
-    `release_balloon` (templates): once the balloon has emptied the RAM file, deflate it again
-    before the VM stops. The guest gets its pages back as free pages that nothing wrote, so
-    the file keeps its holes, and every VM restored from the snapshot starts with all its
-    memory instead of deflating first: a clone of a shared template then copies 2.9 MiB fewer
-    pages (the guest's page bookkeeping for ~140 MiB of returned pages) and translates less
-    (issue 21). Pauses keep the balloon inflated (their resume deflates; no pause time added).
+    `release_balloon` (the built-in template): once the balloon has emptied the RAM file,
+    deflate it again before the VM stops. The guest gets its pages back as free pages that
+    nothing wrote, so the file keeps its holes, and every VM restored from the snapshot starts
+    with all its memory instead of deflating first: a clone of a shared template then copies
+    2.9 MiB fewer pages (the guest's page bookkeeping for ~140 MiB of returned pages) and
+    translates less (issue 21). Costs ~3 s (the deflate, then RELEASE_SETTLE_S), so pauses
+    and user templates keep the balloon inflated (their restore deflates).
     """
     started = time.monotonic()
     timings: dict[str, float] = {}
