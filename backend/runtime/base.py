@@ -39,10 +39,10 @@ class MigrationFailed(VMMError):
     """Saving or loading device state failed or timed out."""
 
 
-GUEST_BOOT = "z1"
+GUEST_BOOT = "z2"
 """Changes whenever the guest kernel's command line does (a snapshot keeps the kernel state it
 booted with): part of the warm snapshot's key, so an older one is never restored (z1: the
-guest zeroes the pages it frees)."""
+guest zeroes the pages it frees; z2: and under TCG it has no address-space randomisation)."""
 
 
 @dataclass(frozen=True)

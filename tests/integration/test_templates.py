@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from backend import sparse
+from backend.capsules.disks import make_overlay
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
+from backend.capsules.snapshots import DEVICE_STATE, DISK, RAM, SnapshotManifest
 from backend.capsules.templates import snapshot_key
 from backend.config import Paths
+from backend.runtime.base import VMConfig
+from backend.runtime.ports import free_port
+from backend.runtime.qemu import QemuRuntime
 from tests.integration.conftest import sh
 
 pytestmark = pytest.mark.vm
@@ -103,3 +110,41 @@ async def test_tampered_template_snapshot_falls_back_to_cold_boot(
         await other.destroy(capsule.id)
     finally:
         await other.close()
+
+
+async def test_template_snapshot_keeps_its_holes_and_restores_with_all_its_memory(
+    manager: CapsuleManager, paths: Paths, short_tmp: Path
+) -> None:
+    """The template is saved with the balloon deflated and without its zero pages (the guest
+    zeroes what it frees): the file holds the working set, and a VM restored from it has all
+    its memory before any deflate (a clone deflating would copy every page; issue 21)."""
+    first = await manager.create()
+    await manager.destroy(first.id)
+    image = (paths.data / "images" / "default").resolve()
+    snap = SnapshotManifest.load(image / "snapshots" / snapshot_key(256, 1, first.accel))
+    assert snap is not None
+    memory = snap.memory_mib << 20
+    assert snap.ram_allocated < memory * 0.6, "the template's RAM file lost its holes"
+    config = VMConfig(
+        capsule_id="tpl-balloon",
+        run_dir=short_tmp / "run",
+        kernel=image / "vmlinux",
+        initrd=image / "initrd.cpio.gz",
+        disk=short_tmp / "disk.qcow2",
+        ram_file=short_tmp / "mem",
+        memory_mib=snap.memory_mib,
+        vcpus=snap.vcpus,
+        host_port=free_port(),
+        metadata_json=json.dumps({"instanceID": "tpl-balloon", "accessToken": "x"}),
+        accel=snap.accel,
+        agent_disk=image / "agent.ext4",
+    )
+    await make_overlay(snap.directory / DISK, config.disk)
+    await asyncio.to_thread(sparse.sparse_copy, snap.directory / RAM, config.ram_file, fsync=False)
+    vm = await QemuRuntime(snap.accel).restore(config, snap.directory / DEVICE_STATE)
+    try:
+        # nothing has asked for a deflate: this is the state the snapshot was saved in
+        assert await vm.balloon_actual() == memory
+    finally:
+        vm.kill()
+        await vm.wait_exit(10)
