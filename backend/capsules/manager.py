@@ -462,6 +462,18 @@ class CapsuleManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def trim_bases_soon(self) -> None:
+        """In the background, give back the template pages a clone's pause faulted in (its
+        save reads every page of its RAM: ramdiff.TemplateRam.trim)."""
+
+        async def trim() -> None:
+            with contextlib.suppress(Exception):
+                await self.bases.trim()
+
+        task = asyncio.ensure_future(trim())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def running_base(self, capsule: Capsule) -> RamBase | None:
         """The base a running clone's RAM maps (None: the capsule has a RAM file of its own)."""
         path = capsule.extra.get(RAM_BASE)

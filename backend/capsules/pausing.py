@@ -74,6 +74,8 @@ async def pause(m: CapsuleManager, capsule_id: str, prepare: bool = True) -> Sna
         except Exception as exc:  # the snapshot is safe; a stuck QEMU is killed
             m.event(capsule.id, "warning", f"QEMU did not quit cleanly: {exc}")
             vm.kill()
+        if manifest.is_diff:
+            m.trim_bases_soon()
         return _paused(m, capsule, manifest, generation, time.monotonic() - started)
 
 

@@ -41,8 +41,11 @@ a complete VM description: a truncated stream is an error, never a silently shor
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -167,6 +170,40 @@ class TemplateRam:
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 
+    def trim(self) -> int:
+        """Give back the pages that reads of the template's holes allocated; returns the bytes
+        freed. A fault on a hole of a memfd allocates a zeroed page in it, and QEMU's save of a
+        clone reads every page, as does a clone's first write to a page (the kernel reads the
+        file page to copy it): without this the template grows to the guest's RAM size.
+
+        Those pages are clean, so reclaim can drop them; the template's own pages were written
+        (dirty) and never are (without swap; with swap they would be swapped, not lost). Our
+        own read-only shared mapping maps the resident hole pages (mincore says which) and
+        MADV_PAGEOUT reclaims them; a page a clone maps as well is left alone by the kernel."""
+        if self._zero is None or not self.size:
+            return 0
+        before = self.allocated_bytes()
+        libc = _libc()
+        addr = libc.mmap(None, self.size, _PROT_READ, _MAP_SHARED, self.fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return 0
+        try:
+            pages = self.size // PAGE_SIZE
+            resident = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(addr), self.size, resident) != 0:
+                return 0
+            zero = self._zero
+            touched = False
+            for page in range(pages):
+                if resident[page] & 1 and zero[page]:
+                    ctypes.c_char.from_address(addr + page * PAGE_SIZE).value  # noqa: B018
+                    touched = True
+            if touched:
+                libc.madvise(ctypes.c_void_p(addr), self.size, _MADV_PAGEOUT)
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), self.size)
+        return max(0, before - self.allocated_bytes())
+
     def checksum(self) -> str:
         """sha256 of the whole content (holes read as zeros)."""
         digest = hashlib.sha256()
@@ -176,6 +213,29 @@ class TemplateRam:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+_PROT_READ = 0x1
+_MAP_SHARED = 0x01
+_MADV_PAGEOUT = 21
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 class RamBases:
@@ -223,6 +283,13 @@ class RamBases:
 
     def allocated_bytes(self) -> int:
         return sum(ram.allocated_bytes() for ram in self._open.values())
+
+    async def trim(self) -> int:
+        """`TemplateRam.trim` every base (after a clone's pause read all of its pages)."""
+        freed = 0
+        for ram in list(self._open.values()):
+            freed += await asyncio.to_thread(ram.trim)
+        return freed
 
     def allocated_for(self, ram_file: Path) -> int | None:
         """Bytes held in memory for `ram_file` (None: not open in this process)."""

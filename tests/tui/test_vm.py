@@ -18,6 +18,7 @@ from backend.config import Paths
 from tests.integration.conftest import destroy_all
 from tests.tui.helpers import RecordingApp, wait_until
 from tui.screens.create import CreateScreen
+from tui.widgets import capsule_table
 from tui.widgets.sparkline import BLOCKS
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
@@ -37,10 +38,37 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+class StateLabels:
+    """Every state label the table computed for each row, in order: a transition shorter than
+    a test can poll (a clone pauses in ~0.4 s) is still seen."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.labels: dict[str, list[str]] = {}
+        real = capsule_table._state_cell
+
+        def spy(view: capsule_table.CapsuleView) -> Text:
+            text = real(view)
+            seq = self.labels.setdefault(view.capsule.id, [])
+            if not seq or seq[-1] != text.plain:
+                seq.append(text.plain)
+            return text
+
+        monkeypatch.setattr(capsule_table, "_state_cell", spy)
+
+    def forget(self, capsule_id: str) -> None:
+        self.labels.pop(capsule_id, None)
+
+
 async def states_until(
-    pilot: Pilot[None], app: RecordingApp, capsule_id: str, final: str, timeout: float
+    pilot: Pilot[None],
+    app: RecordingApp,
+    capsule_id: str,
+    final: str,
+    timeout: float,
+    computed: StateLabels | None = None,
 ) -> list[str]:
-    """Every state label the row showed until it read `final`."""
+    """Every state label the row showed until it read `final` (with `computed`: every label
+    the table computed for it, since its last `forget`)."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -48,6 +76,8 @@ async def states_until(
         if not seen or seen[-1] != label:
             seen.append(label)
         if label == final:
+            if computed is not None:
+                return computed.labels.get(capsule_id, [])
             return seen
         if time.monotonic() > deadline:
             raise AssertionError(f"{capsule_id} never became {final}: {seen}; {app.notices}")
@@ -64,7 +94,10 @@ async def vm_paths(tui_paths: Paths) -> AsyncIterator[Paths]:
         await destroy_all(tui_paths)
 
 
-async def test_a_capsule_from_create_to_destroy(vm_paths: Paths) -> None:
+async def test_a_capsule_from_create_to_destroy(
+    vm_paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computed = StateLabels(monkeypatch)
     app = RecordingApp(vm_paths, cursor_blink=False)
     async with app.run_test(size=(200, 30)) as pilot:
         table = app.main_screen.table
@@ -87,14 +120,16 @@ async def test_a_capsule_from_create_to_destroy(vm_paths: Paths) -> None:
         assert " rss " in cell(app, capsule_id, "mem")
         assert " host " in cell(app, capsule_id, "cpu")
 
+        computed.forget(capsule_id)
         await pilot.press("p")
-        seen = await states_until(pilot, app, capsule_id, "paused", timeout=60)
+        seen = await states_until(pilot, app, capsule_id, "paused", timeout=60, computed=computed)
         assert "pausing…" in seen, seen
         assert cell(app, capsule_id, "snapshot") != "—"
         assert app.active_bindings["r"].enabled and not app.active_bindings["p"].enabled
 
+        computed.forget(capsule_id)
         await pilot.press("r")
-        seen = await states_until(pilot, app, capsule_id, "running", timeout=60)
+        seen = await states_until(pilot, app, capsule_id, "running", timeout=60, computed=computed)
         assert "resuming…" in seen, seen
         await wait_until(
             pilot,

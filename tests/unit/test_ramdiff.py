@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -431,3 +432,38 @@ def test_a_zero_page_where_the_template_is_zero_too_is_dropped() -> None:
     # page 3 was dropped (the loader's base has data there: it is left as it was);
     # page 5 is zeroed over the template's data
     assert mem == bytes(expected)
+
+
+def test_trim_gives_back_what_reads_of_holes_allocated_and_keeps_the_template(
+    tmp_path: Path,
+) -> None:
+    """A read of a hole through a private mapping (QEMU saving a clone) allocates a page in
+    the memfd; trim gives those back and never the template's own pages."""
+    pages = 512
+    ram_file = tmp_path / "mem"
+    with ram_file.open("wb") as f:
+        f.truncate(pages * PAGE_SIZE)
+        for i in range(0, pages, 8):
+            f.seek(i * PAGE_SIZE)
+            f.write(bytes([i % 251 + 1]) * PAGE_SIZE)
+    ram = TemplateRam.from_file(ram_file)
+    try:
+        sealed = ram.allocated_bytes()
+        content = ram.checksum()
+        assert sealed == (pages // 8) * PAGE_SIZE
+        clone = mmap.mmap(ram.fd, ram.size, mmap.MAP_PRIVATE)
+        try:
+            assert sum(clone[i * PAGE_SIZE] for i in range(pages)) > 0
+            clone[PAGE_SIZE : PAGE_SIZE + 5] = b"clone"  # a private copy, not the memfd's
+            grown = ram.allocated_bytes()
+            assert grown == pages * PAGE_SIZE
+            # still mapped by the "clone": its page of a hole is left alone only if mapped;
+            # the others go
+            ram.trim()
+        finally:
+            clone.close()
+        ram.trim()
+        assert ram.allocated_bytes() == sealed
+        assert ram.checksum() == content
+    finally:
+        ram.close()
