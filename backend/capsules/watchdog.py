@@ -1,5 +1,6 @@
 """The watchdog: notices VMs that died under a running capsule, and pauses idle capsules
-whose auto-pause time has passed. Once a second, never overlapping itself."""
+whose auto-pause time has passed. Once a second, never overlapping itself. Once a minute it
+also gives back template RAM that clones faulted in (ramdiff.TemplateRam.trim)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("wrenn.watchdog")
 
 INTERVAL_S = 1.0
+TRIM_EVERY_S = 60.0
+"""How often template RAM that clones faulted in (first writes to its holes) is given back."""
 
 
 class Watchdog:
     def __init__(self, manager: CapsuleManager) -> None:
         self.m = manager
+        self._trimmed_at = time.monotonic()
 
     async def run(self) -> None:
         while True:
@@ -33,6 +37,9 @@ class Watchdog:
                 log.exception("the watchdog's check failed; trying again in %.0f s", INTERVAL_S)
 
     async def check(self) -> None:
+        if time.monotonic() - self._trimmed_at >= TRIM_EVERY_S:
+            self._trimmed_at = time.monotonic()
+            self.m.trim_bases_soon()
         now = time.time()
         for capsule in self.m.store.list_capsules():
             if capsule.state != State.RUNNING or self.m.locks.busy(capsule.id):
