@@ -19,6 +19,7 @@ from backend.runtime.base import VMConfig, VMMError
 from backend.runtime.logs import CONSOLE_MAX
 from backend.runtime.qemu import build_argv, metadata_blob, write_metadata_blob
 from tests.integration.conftest import manager
+from tests.vmconfig import paper_config
 
 from .listeners import RecordingListener
 
@@ -70,19 +71,8 @@ async def test_console_log_is_capped_and_rotated(manager: CapsuleManager) -> Non
     assert len(text) < 100_000, len(text)
 
 
-def _config(tmp_path: Path, metadata: str) -> VMConfig:
-    return VMConfig(
-        capsule_id="cl-test",
-        run_dir=tmp_path,
-        kernel=tmp_path / "vmlinux",
-        initrd=tmp_path / "initrd",
-        disk=tmp_path / "disk.qcow2",
-        ram_file=tmp_path / "ram",
-        memory_mib=256,
-        vcpus=1,
-        host_port=40000,
-        metadata_json=metadata,
-    )
+def _config(tmp_path: Path, metadata: str) -> VMConfig:  # a config no VM starts from
+    return paper_config(tmp_path, capsule_id="cl-test", metadata_json=metadata)
 
 
 def test_metadata_blob_is_private_fixed_size_and_bounded(tmp_path: Path) -> None:

@@ -7,23 +7,11 @@ from pathlib import Path
 
 from backend.runtime.base import VMConfig
 from backend.runtime.qemu import build_argv
+from tests.vmconfig import paper_config
 
 
 def _config(tmp_path: Path, accel: str) -> VMConfig:
-    return VMConfig(
-        capsule_id="c1",
-        run_dir=tmp_path,
-        kernel=tmp_path / "vmlinux",
-        initrd=tmp_path / "initrd",
-        disk=tmp_path / "disk.qcow2",
-        ram_file=tmp_path / "mem",
-        memory_mib=256,
-        vcpus=1,
-        host_port=1234,
-        metadata_json="{}",
-        accel=accel,
-        extra_append=("init=/sbin/x",),
-    )
+    return paper_config(tmp_path, accel=accel, extra_append=("init=/sbin/x",))
 
 
 def _append(argv: list[str]) -> list[str]:

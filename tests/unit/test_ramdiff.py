@@ -374,21 +374,10 @@ def test_build_argv_maps_a_private_base_share_off_and_leaves_the_default_alone(
 ) -> None:
     from dataclasses import replace
 
-    from backend.runtime.base import VMConfig
     from backend.runtime.qemu import build_argv
+    from tests.vmconfig import paper_config
 
-    config = VMConfig(
-        capsule_id="c1",
-        run_dir=tmp_path,
-        kernel=tmp_path / "vmlinux",
-        initrd=tmp_path / "initrd",
-        disk=tmp_path / "disk.qcow2",
-        ram_file=tmp_path / "mem",
-        memory_mib=256,
-        vcpus=1,
-        host_port=1234,
-        metadata_json="{}",
-    )
+    config = paper_config(tmp_path)
     default = build_argv(config)
     assert f"memory-backend-file,id=mem0,size=256M,mem-path={tmp_path}/mem,share=on" in default
     balloon = "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on"
