@@ -28,7 +28,7 @@ import contextlib
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from backend import sparse
@@ -453,24 +453,24 @@ class CapsuleManager:
     def prefetch_base(self, directory: Path) -> None:
         """Seal a new template's RAM in memory in the background, so the first capsule made
         from it does not wait for that (~0.15 s for 90 MiB here)."""
-
-        async def load() -> None:
-            with contextlib.suppress(Exception):
-                await snapshots.open_base(self.bases, directory, None, str(directory))
-
-        task = asyncio.ensure_future(load())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(
+            lambda: snapshots.open_base(self.bases, directory, None, str(directory))
+        )
 
     def trim_bases_soon(self) -> None:
         """In the background, give back the template pages a clone's pause faulted in (its
         save reads every page of its RAM: ramdiff.TemplateRam.trim)."""
+        self._in_background(self.bases.trim)
 
-        async def trim() -> None:
+    def _in_background(self, work: Callable[[], Awaitable[object]]) -> None:
+        """Run `work()` on its own; its failure only loses what it would have saved (close()
+        cancels what is still running)."""
+
+        async def quietly() -> None:
             with contextlib.suppress(Exception):
-                await self.bases.trim()
+                await work()
 
-        task = asyncio.ensure_future(trim())
+        task = asyncio.ensure_future(quietly())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -506,11 +506,7 @@ class CapsuleManager:
         diff is always restored on its base."""
         started = time.monotonic()
         base = await self._base_for(snapshot, share, what)
-        extra = {k: v for k, v in capsule.extra.items() if k not in (RAM_BASE, RAM_BASE_SHA256)}
-        if base is not None:
-            extra[RAM_BASE] = base.path
-            extra[RAM_BASE_SHA256] = base.snapshot.ram_sha256
-        capsule = capsule.with_(extra=extra)
+        capsule = capsule.with_(extra=snapshots.with_base(capsule.extra, base))
         run_dir = self.layout.run_dir(capsule.id)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.layout.ensure_ram_dir()
@@ -641,10 +637,8 @@ class CapsuleManager:
         return await copying.save_template(self, capsule_id, name)
 
     async def template_remove(self, name: str) -> None:
-        path = self.templates.user(name)
         self.templates.remove(name, lambda: self.template_users(name))
-        if path is not None:
-            self.bases.forget(Path(path.path))
+        self.bases.forget(self.layout.template(name))
 
     async def fork(self, capsule_id: str, count: int = 1) -> list[Capsule]:
         """`count` new capsules, each with the source's memory and disk at one instant; the

@@ -22,8 +22,6 @@ from backend.capsules.errors import CapsuleError, SnapshotCorrupt
 from backend.capsules.guest import BOOT_DEADLINE_S, init_body
 from backend.capsules.models import Capsule, Snapshot, State
 from backend.capsules.snapshots import (
-    RAM_BASE,
-    RAM_BASE_SHA256,
     CaptureSpec,
     DiskFrom,
     SnapshotManifest,
@@ -249,7 +247,7 @@ async def resume_from_disk(m: CapsuleManager, capsule_id: str) -> Capsule:
         capsule = _forward_port(m, capsule)
         started = time.monotonic()
         # a fresh boot: its RAM is a file of its own, not a clone's mapping of a base
-        extra = {k: v for k, v in capsule.extra.items() if k not in (RAM_BASE, RAM_BASE_SHA256)}
+        extra = snapshots.with_base(capsule.extra, None)
         capsule = m.save(capsule.with_(state=State.RESUMING, extra=extra))
         what = f"the disk of generation {snapshot.directory.name}"
         try:

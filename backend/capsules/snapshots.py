@@ -143,6 +143,15 @@ class RamBase:
         return self.snapshot.path
 
 
+def with_base(extra: dict[str, Any], base: RamBase | None) -> dict[str, Any]:
+    """A capsule's `extra` naming `base` as the RAM it maps (None: a RAM file of its own)."""
+    out = {k: v for k, v in extra.items() if k not in (RAM_BASE, RAM_BASE_SHA256)}
+    if base is not None:
+        out[RAM_BASE] = base.path
+        out[RAM_BASE_SHA256] = base.snapshot.ram_sha256
+    return out
+
+
 async def open_base(bases: RamBases, directory: Path, sha256: str | None, what: str) -> RamBase:
     """The base snapshot in `directory` with its RAM sealed in memory. `sha256`: the RAM
     checksum a diff or a running clone was made on (None: whatever the manifest says).

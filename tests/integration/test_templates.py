@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,9 +16,8 @@ from backend.capsules.models import State
 from backend.capsules.snapshots import DEVICE_STATE, DISK, RAM, SnapshotManifest
 from backend.capsules.templates import snapshot_key
 from backend.config import Paths
-from backend.runtime.base import VMConfig
-from backend.runtime.ports import free_port
 from backend.runtime.qemu import QemuRuntime
+from bench.ramdiff import clone_config
 from tests.integration.conftest import sh
 
 pytestmark = pytest.mark.vm
@@ -125,20 +123,7 @@ async def test_template_snapshot_keeps_its_holes_and_restores_with_all_its_memor
     assert snap is not None
     memory = snap.memory_mib << 20
     assert snap.ram_allocated < memory * 0.6, "the template's RAM file lost its holes"
-    config = VMConfig(
-        capsule_id="tpl-balloon",
-        run_dir=short_tmp / "run",
-        kernel=image / "vmlinux",
-        initrd=image / "initrd.cpio.gz",
-        disk=short_tmp / "disk.qcow2",
-        ram_file=short_tmp / "mem",
-        memory_mib=snap.memory_mib,
-        vcpus=snap.vcpus,
-        host_port=free_port(),
-        metadata_json=json.dumps({"instanceID": "tpl-balloon", "accessToken": "x"}),
-        accel=snap.accel,
-        agent_disk=image / "agent.ext4",
-    )
+    config = clone_config(image, snap, short_tmp, None)  # a RAM file of its own
     await make_overlay(snap.directory / DISK, config.disk)
     await asyncio.to_thread(sparse.sparse_copy, snap.directory / RAM, config.ram_file, fsync=False)
     vm = await QemuRuntime(snap.accel).restore(config, snap.directory / DEVICE_STATE)
