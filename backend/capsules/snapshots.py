@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -48,10 +49,12 @@ from backend.capsules.ramdiff import (
     RamBases,
     StreamError,
     TemplateRam,
+    feed_unpacked,
+    is_packed,
     save_diff,
     split_to_ram_file,
 )
-from backend.runtime.base import VM, Runtime, VMConfig, VMMError
+from backend.runtime.base import VM, Runtime, StateFeed, VMConfig, VMMError
 
 log = logging.getLogger("wrenn.snapshots")
 
@@ -449,13 +452,17 @@ async def restore(
     await place_disk(snapshot, config.disk, disk, what)
     timings["disk"] = round(time.monotonic() - begin, 3)
     ready: Awaitable[None] | None = None
+    state: Path | StateFeed = snapshot.directory / DEVICE_STATE
     if base is not None:
         config = replace(config, ram_private_base=base.ram.mem_path)
+        packed = snapshot.directory / DEVICE_STATE
+        if snapshot.is_diff and await asyncio.to_thread(is_packed, packed):
+            state = functools.partial(feed_unpacked, packed, base.ram)
     else:
         size = (snapshot.directory / RAM).stat().st_size
         await asyncio.to_thread(sparse.create_holes, config.ram_file, size)
         ready = fill_ram(snapshot, config.ram_file, what)
-    vm = await runtime.restore(config, snapshot.directory / DEVICE_STATE, ready=ready)
+    vm = await runtime.restore(config, state, ready=ready)
     timings["restore"] = round(time.monotonic() - begin, 3)
     if started is not None:
         try:

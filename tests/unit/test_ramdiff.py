@@ -456,3 +456,139 @@ def test_trim_gives_back_what_reads_of_holes_allocated_and_keeps_the_template(
         assert ram.checksum() == content
     finally:
         ram.close()
+
+
+# -- the packed diff ---------------------------------------------------------------------------
+
+
+def packed_records() -> tuple[list[bytes], dict[str, bytes]]:
+    """One record of each packed form, and CONTINUE records between them."""
+    near = bytearray(base_page(1))
+    near[100:108] = b"changed!"  # a few words changed: kept as its XOR with the template
+    moved = base_page(7)  # the template's page 7, now at page 2: a reference
+    noise = os.urandom(PAGE_SIZE)  # incompressible: stored as it is
+    table = struct.pack("<1024I", *range(1024))  # a table of small numbers: deflated
+    pages = {"near": bytes(near), "moved": moved, "noise": noise, "table": table}
+    records = [
+        page(PAGE_SIZE, pages["near"], b"mem0"),
+        page(2 * PAGE_SIZE, moved, None),
+        page(0, ROM, b"pc.bios"),
+        page(3 * PAGE_SIZE, noise, b"mem0"),
+        page(4 * PAGE_SIZE, table, None),
+        zero(5 * PAGE_SIZE, None),
+        page(6 * PAGE_SIZE, base_page(6), None),  # the template's own: dropped
+        page(8 * PAGE_SIZE, noise, None),
+    ]
+    return records, pages
+
+
+def pack(data: bytes) -> tuple[bytes, ramdiff.FilterStats]:
+    out = io.BytesIO()
+    stats = filter_stream(io.BytesIO(data), out, BASE, pack=True)
+    return out.getvalue(), stats
+
+
+def unpack(data: bytes) -> bytes:
+    out = io.BytesIO()
+    ramdiff.unpack_stream(io.BytesIO(data), out, BASE)
+    return out.getvalue()
+
+
+def test_a_packed_diff_unpacks_to_exactly_the_filtered_stream() -> None:
+    records, pages = packed_records()
+    full = stream(records)
+    filtered, _ = run(full)
+    packed, stats = pack(full)
+    assert packed.startswith(ramdiff.PACK_MAGIC)
+    assert stats.pages_dropped == 1
+    assert (stats.pages_copied, stats.pages_xor, stats.pages_stored) == (1, 1, 2)
+    assert stats.output_bytes == len(packed)
+    assert unpack(packed) == filtered
+    assert load(unpack(packed)) == load(full)
+    # the noise is stored once per page (it cannot shrink); everything else is a few bytes
+    assert 2 * PAGE_SIZE < len(packed) < 2 * PAGE_SIZE + len(filtered) // 8
+    assert packed.count(pages["noise"]) == 2
+
+
+def test_only_packed_files_hold_packed_records() -> None:
+    """A migration stream naming the packed forms is refused: only unpacking reads them."""
+    xor = struct.pack(">Q", ramdiff.RAM_SAVE_FLAG_PACK_XOR) + _name(b"mem0") + bytes(PAGE_SIZE)
+    with pytest.raises(StreamError, match="unsupported RAM record"):
+        run(stream([xor]))
+    with pytest.raises(StreamError, match="bad magic"):
+        unpack(stream([xor]))
+
+
+@pytest.mark.parametrize("cut", [4, 8, 9, 12, 40, 200, 4000, -200, -13, -9, -5, -1])
+def test_a_truncated_packed_diff_is_an_error(cut: int) -> None:
+    records, _ = packed_records()
+    packed, _ = pack(stream(records))
+    with pytest.raises(StreamError, match=r"truncated|corrupt"):
+        unpack(packed[:cut])
+
+
+def test_a_corrupt_packed_diff_is_a_clear_error() -> None:
+    records, _ = packed_records()
+    packed, _ = pack(stream(records))
+    magic = len(ramdiff.PACK_MAGIC)
+    for bad in (
+        packed[:magic] + b"Q" + packed[magic + 1 :],  # no such frame
+        packed[:magic] + b"Z\xff\xff\xff\xff" + packed[magic + 5 :],  # a frame too long
+        packed + b"\x00",  # bytes after its end
+        packed[:-8] + (1).to_bytes(8, "big"),  # the end names another length
+        packed[: magic + 5] + b"\xff" * 8 + packed[magic + 13 :],  # deflate garbage
+    ):
+        with pytest.raises(StreamError, match=r"corrupt|truncated"):
+            unpack(bad)
+
+
+def test_a_packed_record_outside_the_template_is_refused() -> None:
+    """Hand-made packed files: a reference past the template's end, and an XOR record of
+    another block, are errors rather than reads of someone else's memory."""
+
+    def packed_file(logical: bytes) -> bytes:
+        w = ramdiff._PackWriter(io.BytesIO())
+        w.write(logical)
+        w.flush()
+        dst = w._dst
+        assert isinstance(dst, io.BytesIO)
+        return dst.getvalue()
+
+    copy = ramdiff.RAM_SAVE_FLAG_PACK_COPY
+    xor = ramdiff.RAM_SAVE_FLAG_PACK_XOR
+    outside = struct.pack(">Q", copy) + _name(b"mem0") + struct.pack(">Q", PAGES * PAGE_SIZE)
+    crooked = struct.pack(">Q", copy) + _name(b"mem0") + struct.pack(">Q", 17)
+    rom = struct.pack(">Q", xor) + _name(b"pc.bios") + bytes(PAGE_SIZE)
+    for record, message in ((outside, "outside"), (crooked, "outside"), (rom, "pc.bios")):
+        with pytest.raises(StreamError, match=message):
+            unpack(packed_file(stream([record])))
+
+
+def test_a_large_diff_unpacks_within_bounded_reads() -> None:
+    """Zero-filled XORs deflate about a thousandfold: unpacking inflates in bounded steps."""
+    near = bytearray(base_page(3))
+    near[0] ^= 1
+    records = [page(3 * PAGE_SIZE, bytes(near), b"mem0")] * 400
+    full = stream(records)
+    packed, stats = pack(full)
+    assert stats.pages_xor == 400 and len(packed) < 4 * PAGE_SIZE
+    assert unpack(packed) == run(full)[0]
+
+
+def test_split_reads_a_packed_diff_as_the_stream_it_was_packed_from(tmp_path: Path) -> None:
+    base_file = tmp_path / "template"
+    base_file.write_bytes(BASE)
+    template = TemplateRam.from_file(base_file)
+    try:
+        records, _ = packed_records()
+        full = stream(records)
+        packed, _ = pack(full)
+        out: dict[str, tuple[bytes, bytes]] = {}
+        for kind, data in (("filtered", run(full)[0]), ("packed", packed)):
+            state, ram = tmp_path / f"{kind}.state", tmp_path / f"{kind}.mem"
+            ramdiff.split_to_ram_file(io.BytesIO(data), state, ram, template)
+            out[kind] = (state.read_bytes(), ram.read_bytes())
+        assert out["packed"] == out["filtered"]
+        assert out["packed"][1] == load(full)[0]
+    finally:
+        template.close()
