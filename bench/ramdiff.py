@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import secrets
@@ -35,7 +34,13 @@ from typing import Any
 from backend import sparse
 from backend.capsules.disks import make_overlay
 from backend.capsules.envd_client import EnvdClient
-from backend.capsules.ramdiff import FilterStats, TemplateRam, feed_unpacked, is_packed, save_diff
+from backend.capsules.ramdiff import (
+    FilterStats,
+    TemplateRam,
+    is_packed,
+    save_diff,
+    unpack_stream,
+)
 from backend.capsules.snapshots import DEVICE_STATE, DISK, RAM, SnapshotManifest
 from backend.capsules.templates import snapshot_key
 from backend.config import default_paths
@@ -157,15 +162,17 @@ async def start_clone(
                 sparse.sparse_copy, snap.directory / RAM, config.ram_file, fsync=False
             )
     if state is not None and config.ram_private_base is not None and is_packed(state):
-        # a packed diff (what save_diff writes): unpacked on the clone's base as QEMU loads it
+        # a packed diff (what save_diff writes): unpacked on the clone's base first
         fd = os.open(config.ram_private_base, os.O_RDONLY | os.O_CLOEXEC)
         base = TemplateRam(fd, os.fstat(fd).st_size, "")
+        unpacked = state.with_name(state.name + ".unpacked")
         try:
-            vm = await runtime.restore(config, functools.partial(feed_unpacked, state, base))
+            with state.open("rb") as src, unpacked.open("wb") as out:
+                unpack_stream(src, out, base)
         finally:
             base.close()
-    else:
-        vm = await runtime.restore(config, state or snap.directory / DEVICE_STATE)
+        state = unpacked
+    vm = await runtime.restore(config, state or snap.directory / DEVICE_STATE)
     envd = EnvdClient(f"http://127.0.0.1:{config.host_port}", token=snap.envd_token)
     try:
         await envd.wait_healthy(120, vm.alive)

@@ -146,6 +146,9 @@ async def _capture(
                 keep_running=True,
                 prepare=prepare,
                 base=base,
+                # restored at once (fork) or turned into a full snapshot (template): packing
+                # a diff kept for minutes would only cost the source's stopped time
+                pack=False,
             )
     finally:
         current = m.store.get(source.id)

@@ -74,6 +74,8 @@ from backend.runtime.qemu import QemuRuntime
 DEFAULT_MEMORY_MIB = 256
 DEFAULT_TEMPLATE = "default"
 CAPSULE_ID_RULE = re.compile(r"cl-[0-9a-z]{12}")
+TRIM_DELAY_S = 2.0
+"""How long after a clone's pause its base is trimmed (trim_bases_soon)."""
 
 Listener = Callable[[Capsule], None]
 Progress = Callable[[str], None]
@@ -111,6 +113,7 @@ class CapsuleManager:
         self._listeners: list[Listener] = []
         self._watchdog: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._trim_pending = False
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -459,8 +462,22 @@ class CapsuleManager:
 
     def trim_bases_soon(self) -> None:
         """In the background, give back the template pages a clone's pause faulted in (its
-        save reads every page of its RAM: ramdiff.TemplateRam.trim)."""
-        self._in_background(self.bases.trim)
+        save reads every page of its RAM: ramdiff.TemplateRam.trim), TRIM_DELAY_S later and
+        once for the pauses in between: reclaiming ~170 MiB takes ~0.1 s of kernel work, which
+        slowed a resume started right after the pause (its restore 0.06-0.09 s without, 0.11-
+        0.21 s with)."""
+        if self._trim_pending:
+            return
+        self._trim_pending = True
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(TRIM_DELAY_S)
+            finally:
+                self._trim_pending = False
+            await self.bases.trim()
+
+        self._in_background(later)
 
     def _in_background(self, work: Callable[[], Awaitable[object]]) -> None:
         """Run `work()` on its own; its failure only loses what it would have saved (close()

@@ -8,11 +8,11 @@ and the tests drive the capsule layer's failure paths through a fake one.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from backend.envd.protocol import ENVD_PORT
 
@@ -38,11 +38,6 @@ class VMMGone(VMMError):
 class MigrationFailed(VMMError):
     """Saving or loading device state failed or timed out."""
 
-
-StateFeed = Callable[[BinaryIO], None]
-"""Writes a saved device state (a migration stream) to the file it is given: the write end of
-a pipe the new VM loads from. Run in a thread; it may end with BrokenPipeError when the VM
-stops reading (done, or dead): whether the state loaded whole is the load's answer."""
 
 GUEST_BOOT = "z2"
 """Changes whenever the guest kernel's command line does (a snapshot keeps the kernel state it
@@ -191,14 +186,10 @@ class Runtime(Protocol):
         ...
 
     async def restore(
-        self,
-        config: VMConfig,
-        device_state: Path | StateFeed,
-        ready: Awaitable[None] | None = None,
+        self, config: VMConfig, device_state: Path, ready: Awaitable[None] | None = None
     ) -> VM:
-        """Start a VM from the RAM file and a saved device state (a file, or what a feed
-        writes), and run it. `ready` (the RAM file still being filled) runs meanwhile; the
-        state is loaded after it succeeds."""
+        """Start a VM from the RAM file and a saved device state, and run it. `ready` (the
+        RAM file still being filled) runs meanwhile; the state is loaded after it succeeds."""
         ...
 
     def attach(self, config: VMConfig, pid: int | None) -> VM | None:

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import functools
 import json
 import os
@@ -42,7 +41,6 @@ from backend.runtime.accel import QEMU_BINARY
 from backend.runtime.base import (
     BalloonStats,
     MigrationFailed,
-    StateFeed,
     VMConfig,
     VMMCommandError,
     VMMError,
@@ -581,17 +579,12 @@ class QemuRuntime:
         return await self._start(config, incoming=False)
 
     async def restore(
-        self,
-        config: VMConfig,
-        device_state: Path | StateFeed,
-        ready: Awaitable[None] | None = None,
+        self, config: VMConfig, device_state: Path, ready: Awaitable[None] | None = None
     ) -> QemuVM:
         """Start QEMU waiting for a device state, load it and run the VM.
 
         `ready` (e.g. the RAM file still being filled) runs while QEMU starts; the state is
         loaded only after it completes, and if it fails QEMU is killed and the error raised.
-        A `device_state` feed writes into a pipe QEMU reads from, in a thread: when the load
-        fails, an error of the feed's own (a corrupt file) is the one raised.
         """
         pending = asyncio.ensure_future(ready) if ready is not None else None
         try:
@@ -602,85 +595,30 @@ class QemuRuntime:
                 with contextlib.suppress(BaseException):
                     await pending
             raise
-        feeding: asyncio.Future[None] | None = None
         try:
             if pending is not None:
                 await pending
             async with vm.session():
-                await vm.set_migration_capabilities()
-                feeding = await self._pass_state(vm, device_state)
-                await _migrate_in(vm, feeding)
-                await vm.cont()
-        except BaseException as exc:
+                await self._incoming(vm, device_state)
+        except BaseException:
             vm.kill()
             await vm.wait_exit(5)
-            if feeding is not None:
-                # QEMU is gone with its end of the pipe: the feed ends on a broken pipe
-                try:
-                    await asyncio.wait_for(feeding, 30)
-                except (BrokenPipeError, asyncio.CancelledError, TimeoutError):
-                    pass
-                except Exception as cause:
-                    if isinstance(exc, Exception) and cause is not exc:
-                        raise cause from exc
             raise
-        if feeding is not None:
-            with contextlib.suppress(BrokenPipeError):
-                # QEMU has loaded the state: it may close the pipe before reading the
-                # description after the end marker
-                await feeding
         return vm
 
-    async def _pass_state(
-        self, vm: QemuVM, device_state: Path | StateFeed
-    ) -> asyncio.Future[None] | None:
-        if isinstance(device_state, Path):
-            fd = os.open(device_state, os.O_RDONLY)
-            try:
-                await vm.pass_fd(fd, MIGRATION_FD)
-            finally:
-                os.close(fd)
-            return None
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    async def _incoming(self, vm: QemuVM, device_state: Path) -> None:
+        await vm.set_migration_capabilities()
+        fd = os.open(device_state, os.O_RDONLY)
         try:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-            await vm.pass_fd(read_fd, MIGRATION_FD)
-        except BaseException:
-            os.close(write_fd)
-            raise
+            await vm.pass_fd(fd, MIGRATION_FD)
         finally:
-            # only QEMU holds the read end: if it dies, the feed's writes fail
-            os.close(read_fd)
-        return asyncio.ensure_future(asyncio.to_thread(_feed, device_state, write_fd))
+            os.close(fd)
+        await vm.migrate(
+            "migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"}, "restoring device state"
+        )
+        await vm.cont()
 
     def attach(self, config: VMConfig, pid: int | None) -> QemuVM | None:
         if pid is None or not pid_is_vm(pid, config):
             return None
         return QemuVM(config, pid)
-
-
-def _feed(feed: StateFeed, fd: int) -> None:
-    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-        feed(out)
-
-
-async def _migrate_in(vm: QemuVM, feeding: asyncio.Future[None] | None) -> None:
-    """Load the device state passed as MIGRATION_FD. A feed that fails is not waited out: QEMU
-    waits for readable data on its pipe, and a pipe closed before any is written never is."""
-    migrating = asyncio.ensure_future(
-        vm.migrate("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"}, "restoring device state")
-    )
-    try:
-        if feeding is not None:
-            await asyncio.wait({migrating, feeding}, return_when=asyncio.FIRST_COMPLETED)
-            if feeding.done() and not migrating.done():
-                error = feeding.exception()
-                if error is not None and not isinstance(error, BrokenPipeError):
-                    raise error
-        await migrating
-    finally:
-        if not migrating.done():
-            migrating.cancel()
-            with contextlib.suppress(BaseException):
-                await migrating

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from backend.capsules.envd_client import EnvdError, ExecResult
-from backend.runtime.base import VM, BalloonStats, StateFeed, VMConfig, VMMGone
+from backend.runtime.base import VM, BalloonStats, VMConfig, VMMGone
 
 # pids far above pid_max: never a real process
 _pids = itertools.count(10_000_000)
@@ -138,10 +138,7 @@ class FakeRuntime:
         return self._new(config)
 
     async def restore(
-        self,
-        config: VMConfig,
-        device_state: Path | StateFeed,
-        ready: Awaitable[None] | None = None,
+        self, config: VMConfig, device_state: Path, ready: Awaitable[None] | None = None
     ) -> VM:
         try:
             self.faults.hit("restore")
