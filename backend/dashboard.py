@@ -105,9 +105,10 @@ class ManagerPort:
     def subscribe(self, listener: Callable[[Capsule], None]) -> Callable[[], None]:
         return self.manager.subscribe(listener)
 
-    def host_costs(self) -> dict[str, HostCost]:
-        """What each running capsule costs the host's memory (backend/capsules/hostcost.py)."""
-        return host_costs(self.manager, self.manager.list_capsules())
+    def host_costs(self, own: Callable[[Capsule], int | None] | None = None) -> dict[str, HostCost]:
+        """What each running capsule costs the host's memory (backend/capsules/hostcost.py);
+        `own`: QEMU's own memory as the sampler last read it."""
+        return host_costs(self.manager, self.manager.list_capsules(), own)
 
     def builds(self) -> list[BuildStatus]:
         """Recipe builds running now, started by any process (the CLI's included)."""

@@ -36,7 +36,7 @@ from tui import format as fmt
 from tui import messages as msg
 from tui.commands import CapsuleCommands
 from tui.context import Dashboard
-from tui.host import HostReader, capacity, probe_host
+from tui.host import HostReader, capacity, capsule_costs, probe_host
 from tui.sampling import MetricsSampler
 from tui.screens.build_image import BuildImageScreen
 from tui.screens.confirm import ConfirmScreen
@@ -293,7 +293,7 @@ class WrennApp(App[None]):
             host=host,
             room=capacity(
                 host,
-                (cost.total for cost in self.backend.host_costs().values()),
+                (cost.total for cost in capsule_costs(self.backend, self.sampler).values()),
                 self.backend.default_memory_mib,
             ),
             running=len(running),

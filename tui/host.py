@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from backend.capsules.hostcost import HostCost
+from backend.capsules.models import Capsule
+from backend.dashboard import ManagerPort
+from tui.sampling import MetricsSampler
 
 
 @dataclass(frozen=True)
@@ -100,3 +106,22 @@ def capacity(host: HostTotals, costs: Iterable[int], default_mib: int) -> Capaci
         fits=max(0, host.available // max(per_capsule, 1)),
         disk_fits=disk_fits,
     )
+
+
+SAMPLE_FRESH_S = 2.5
+"""A sample older than this (a capsule the sampler no longer reads) is not used for its cost."""
+
+
+def capsule_costs(backend: ManagerPort, sampler: MetricsSampler) -> dict[str, HostCost]:
+    """What each running capsule costs the host (backend/capsules/hostcost.py), QEMU's own
+    memory taken from the sampler's latest sample: the status line asks every second, and the
+    sampler has just read every QEMU's memory."""
+    now = time.time()
+
+    def own(capsule: Capsule) -> int | None:
+        sample = sampler.latest(capsule.id)
+        if sample is None or sample.host_own is None or now - sample.ts > SAMPLE_FRESH_S:
+            return None
+        return sample.host_own
+
+    return backend.host_costs(own)

@@ -13,6 +13,7 @@ in every clone: it overstates what clones cost, and understates a RAM file nobod
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,17 +58,25 @@ def rss_anon(pid: int) -> int | None:
     return None
 
 
-def host_costs(m: CapsuleManager, capsules: list[Capsule]) -> dict[str, HostCost]:
+def host_costs(
+    m: CapsuleManager,
+    capsules: list[Capsule],
+    own: Callable[[Capsule], int | None] | None = None,
+) -> dict[str, HostCost]:
     """The cost of each running capsule of `capsules` (all capsules: clones are counted
-    among all running ones)."""
+    among all running ones). `own`: QEMU's own memory as already read (the sampler's latest
+    sample, so that the dashboard does not read /proc for every capsule again each second);
+    None from it, or no `own`, reads /proc."""
     running = [c for c in capsules if c.state == State.RUNNING and c.pid is not None]
     sharing = Counter(c.extra.get(RAM_BASE) for c in running if c.extra.get(RAM_BASE))
     template_bytes: dict[str, int] = {}
     out: dict[str, HostCost] = {}
     for c in running:
         assert c.pid is not None
-        own = rss_anon(c.pid)
-        if own is None:
+        qemu_own = own(c) if own is not None else None
+        if qemu_own is None:
+            qemu_own = rss_anon(c.pid)
+        if qemu_own is None:
             continue
         base = c.extra.get(RAM_BASE)
         if isinstance(base, str):
@@ -78,8 +87,8 @@ def host_costs(m: CapsuleManager, capsules: list[Capsule]) -> dict[str, HostCost
                 template_bytes[base] = (
                     held if held is not None else sparse.allocated_bytes(Path(base) / RAM)
                 )
-            out[c.id] = HostCost(own, 0, template_bytes[base], sharing[base])
+            out[c.id] = HostCost(qemu_own, 0, template_bytes[base], sharing[base])
         else:
             ram = sparse.allocated_bytes(m.layout.ram_file(c.id))
-            out[c.id] = HostCost(own, ram, 0, 0)
+            out[c.id] = HostCost(qemu_own, ram, 0, 0)
     return out

@@ -48,6 +48,9 @@ class Sample:
     """The VMM process, % of one host core (can exceed 100 with several vCPUs)."""
     host_rss: int | None
     """The VMM process's resident set, bytes."""
+    host_own: int | None = None
+    """Of that, what no file backs (RssAnon): its heap, TCG's code, guest pages it alone holds.
+    Not a series: what a capsule costs the host is read from the latest sample."""
 
     def values(self) -> tuple[float | None, ...]:
         """The figures in SERIES order."""

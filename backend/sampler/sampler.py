@@ -309,7 +309,9 @@ class Sampler:
         host = [self._host.read(t.capsule_id, t.pid) for t in targets]
         results = await fetches
         samples: dict[str, Sample] = {}
-        for target, result, (host_cpu, host_rss) in zip(targets, results, host, strict=True):
+        for target, result, (host_cpu, host_rss, host_own) in zip(
+            targets, results, host, strict=True
+        ):
             state = self._states.get(target.capsule_id)
             if state is None:  # forgotten while its request was in flight
                 continue
@@ -317,7 +319,17 @@ class Sampler:
                 state.failures = 0
                 used, total, cache, cpu = figures(result)
                 sample = Sample(
-                    target.capsule_id, ts, True, None, used, total, cache, cpu, host_cpu, host_rss
+                    target.capsule_id,
+                    ts,
+                    True,
+                    None,
+                    used,
+                    total,
+                    cache,
+                    cpu,
+                    host_cpu,
+                    host_rss,
+                    host_own,
                 )
             else:
                 state.failures += 1
@@ -333,6 +345,7 @@ class Sampler:
                     None,
                     host_cpu,
                     host_rss,
+                    host_own,
                 )
             state.history.add(ts, sample.values())
             state.latest = sample

@@ -3,6 +3,7 @@ cleanup, on real files."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -15,11 +16,12 @@ from backend.capsules.hostcost import rss_anon
 from backend.capsules.manager import CapsuleManager
 from backend.capsules.models import State
 from backend.config import Paths
+from backend.dashboard import ManagerPort
 from backend.sparse import allocated_bytes
 from tests.integration.conftest import destroy_all, sh
 from tests.tui.fakes import FrozenSampler, sample
 from tests.tui.helpers import RecordingApp, seed_capsule, wait_until
-from tui.host import HostTotals, capacity
+from tui.host import HostTotals, capacity, capsule_costs
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.host import HostScreen, disk_rows
 from tui.widgets.status_bar import StatusBar
@@ -64,6 +66,31 @@ async def test_status_line_warns_when_one_more_capsule_would_not_fit(
         line = StatusBar.render_info(bar.info, 78).plain
         assert "⚠ no memory for another capsule" in line
         assert len(line) <= 78
+
+
+def test_a_capsules_cost_is_read_from_the_samplers_latest_sample_while_it_is_fresh(
+    manager: CapsuleManager,
+) -> None:
+    """The status line asks every second: QEMU's own memory comes from the sample the sampler
+    just took (statm), not from another read of /proc per capsule; a stale or missing sample
+    falls back to /proc."""
+    stand_in = subprocess.Popen(["sleep", "120"])
+    try:
+        running = seed_capsule(manager.store, 0, State.RUNNING, pid=stand_in.pid)
+        port = ManagerPort(manager)
+        frozen = FrozenSampler()
+        fresh = dataclasses.replace(sample(running.id, 100, 5.0), ts=time.time())
+        frozen.put(dataclasses.replace(fresh, host_own=7 * MIB))
+        assert capsule_costs(port, frozen)[running.id].own == 7 * MIB
+        own = rss_anon(stand_in.pid)
+        assert own is not None and own != 7 * MIB
+        frozen.put(dataclasses.replace(fresh, host_own=7 * MIB, ts=time.time() - 60))
+        assert abs(capsule_costs(port, frozen)[running.id].own - own) < MIB
+        frozen.put(fresh)  # no host_own: a sampler that could not read the process
+        assert abs(capsule_costs(port, frozen)[running.id].own - own) < MIB
+    finally:
+        stand_in.kill()
+        stand_in.wait()
 
 
 async def test_host_view_measures_and_frees_only_orphans(manager: CapsuleManager) -> None:

@@ -22,6 +22,7 @@ from backend.capsules.models import Capsule, Event, Snapshot, State
 from backend.sampler import RANGES, BalloonStats, Tick
 from tui import format as fmt
 from tui.console_tail import ConsoleTail
+from tui.host import capsule_costs
 from tui.widgets.capsule_table import STATE_STYLES
 from tui.widgets.metric_chart import MetricChart, Series
 
@@ -151,7 +152,7 @@ class DetailScreen(Screen[None]):
         text.append(f"  {capsule.accel.upper()}  network {network}  envd :{capsule.host_port}")
         if capsule.state == State.RUNNING and capsule.started_at is not None:
             text.append(f"  up {fmt.duration(self.wrenn.clock() - capsule.started_at)}")
-        cost = self.wrenn.backend.host_costs().get(capsule.id)
+        cost = capsule_costs(self.wrenn.backend, self.wrenn.sampler).get(capsule.id)
         if cost is not None:
             text.append("\nhost memory ", style="dim")
             text.append(fmt.size(cost.total), style="bold")

@@ -31,7 +31,7 @@ from backend.capsules.actions import TRANSITIONAL, Action, allowed
 from backend.capsules.models import Capsule, State
 from backend.sampler import Tick
 from tui import messages as msg
-from tui.host import capacity
+from tui.host import capacity, capsule_costs
 from tui.terminal import TerminalPane, session_tag
 from tui.terminal.attach import AttachError, attach_fullscreen
 from tui.widgets.capsule_table import SPARK_MAX, CapsuleTable, CapsuleView, SortMode
@@ -265,7 +265,7 @@ class MainScreen(Screen[None]):
         host = app.host_probe()
         room = capacity(
             host,
-            (cost.total for cost in app.backend.host_costs().values()),
+            (cost.total for cost in capsule_costs(app.backend, app.sampler).values()),
             app.backend.default_memory_mib,
         )
         self.query_one(StatusBar).show(
