@@ -149,6 +149,18 @@ async def test_a_template_from_a_clone_stands_alone_and_cannot_go_while_clones_u
     assert made.extra[RAM_BASE] == template.path
     assert (await sh(manager, made.id, READ)).split() == [written, "disk-t"]
     await manager.pause(made.id)
+    # a paused clone's generation is a packed diff: a fork of it and a template of it unpack it
+    (forked,) = await manager.fork(made.id, 1)
+    assert forked.extra[RAM_BASE] == template.path
+    assert (await sh(manager, forked.id, READ)).split() == [written, "disk-t"]
+    await manager.destroy(forked.id)
+    again = await manager.template_create(made.id, "paused-tpl")
+    assert (Path(again.path) / "mem").is_file()
+    from_paused = await manager.create(template="paused-tpl")
+    assert (await sh(manager, from_paused.id, READ)).split() == [written, "disk-t"]
+    await manager.destroy(from_paused.id)
+    await manager.template_remove("paused-tpl")
+    assert manager.get(made.id).state == State.PAUSED
     # its paused diff needs the template: it cannot be removed, and it still works after
     with pytest.raises(TemplateInUse):
         await manager.template_remove("clone-tpl")
