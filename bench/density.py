@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from backend.capsules.manager import CapsuleManager
+from backend.capsules.manager import TRIM_DELAY_S, CapsuleManager
 from bench.lifecycle import scratch_paths
 
 MIB = 1 << 20
@@ -147,7 +147,9 @@ async def run(
         out["resume_idle_s"] = round(time.monotonic() - t, 3)
         await manager.destroy(warm.id)
         # a pause reads every page of a clone: the template's holes become (shared) pages of
-        # its memfd once; measured before the densities, so each N carries that cost
+        # its memfd, which the trim gives back TRIM_DELAY_S after the pause; measured before
+        # the densities, so each N carries what is left
+        await asyncio.sleep(TRIM_DELAY_S + 1)
         out["template_ram_after_first_pause_mib"] = round(manager.bases.allocated_bytes() / MIB, 1)
         out["by_n"] = [await _measure(manager, n, idle_s) for n in counts]
         last = out["by_n"][-1]
