@@ -233,8 +233,8 @@ async def capture(
     `base`: the VM is a clone of it (its RAM a private mapping of the base's sealed memfd):
     the snapshot is a diff, `vmstate` holding the device state and only the pages that differ
     from the base, and no `mem`; packed (ramdiff.filter_stream) unless `pack=False`. The
-    balloon is left alone (QEMU 7.2 cannot give a clone's
-    pages back: its discards fail on the sealed memfd).
+    balloon is left alone (QEMU 7.2 cannot give a clone's pages back: its discards fail on
+    the sealed memfd).
 
     Otherwise `mem` is the RAM file without its zero pages: the guest zeroes what it frees
     (`init_on_free=1`), so once its page cache is dropped its free memory is zero and the file
@@ -494,8 +494,10 @@ def _unpack_state(packed: Path, dest: Path, base: RamBase, what: str) -> None:
     through a pipe while it starts: a Python thread unpacking beside the event loop slowed the
     QEMU start and the load (resume +50..+200 ms against +25 ms this way, bench.packing)."""
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)  # a leftover of a killed agent; never followed if a link
     try:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(dest, flags, 0o600)
         with packed.open("rb") as src, os.fdopen(fd, "wb") as out:
             unpack_stream(src, out, base.ram)
     except StreamError as exc:
