@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -575,49 +576,49 @@ def test_a_large_diff_unpacks_within_bounded_reads() -> None:
     assert unpack(packed) == run(full)[0]
 
 
-def test_split_reads_a_packed_diff_as_the_stream_it_was_packed_from(tmp_path: Path) -> None:
+@pytest.fixture
+def template(tmp_path: Path) -> Iterator[TemplateRam]:
+    """BASE as a sealed template memfd."""
     base_file = tmp_path / "template"
     base_file.write_bytes(BASE)
-    template = TemplateRam.from_file(base_file)
-    try:
-        records, _ = packed_records()
-        full = stream(records)
-        packed, _ = pack(full)
-        out: dict[str, tuple[bytes, bytes]] = {}
-        for kind, data in (("filtered", run(full)[0]), ("packed", packed)):
-            state, ram = tmp_path / f"{kind}.state", tmp_path / f"{kind}.mem"
-            ramdiff.split_to_ram_file(io.BytesIO(data), state, ram, template)
-            out[kind] = (state.read_bytes(), ram.read_bytes())
-        assert out["packed"] == out["filtered"]
-        assert out["packed"][1] == load(full)[0]
-    finally:
-        template.close()
+    ram = TemplateRam.from_file(base_file)
+    yield ram
+    ram.close()
+
+
+def test_split_reads_a_packed_diff_as_the_stream_it_was_packed_from(
+    tmp_path: Path, template: TemplateRam
+) -> None:
+    records, _ = packed_records()
+    full = stream(records)
+    packed, _ = pack(full)
+    out: dict[str, tuple[bytes, bytes]] = {}
+    for kind, data in (("filtered", run(full)[0]), ("packed", packed)):
+        state, ram = tmp_path / f"{kind}.state", tmp_path / f"{kind}.mem"
+        ramdiff.split_to_ram_file(io.BytesIO(data), state, ram, template)
+        out[kind] = (state.read_bytes(), ram.read_bytes())
+    assert out["packed"] == out["filtered"]
+    assert out["packed"][1] == load(full)[0]
 
 
 def test_a_template_builds_its_page_index_in_the_background_and_packing_does_not_wait(
-    tmp_path: Path,
+    template: TemplateRam,
 ) -> None:
     """The first pause that needs the index of moved pages does not wait 0.2-0.3 s for it:
     its moved pages are deflated instead (and unpack the same), later pauses find them."""
-    base_file = tmp_path / "template"
-    base_file.write_bytes(BASE)
-    template = TemplateRam.from_file(base_file)
-    try:
-        records, _ = packed_records()
-        full = stream(records)
-        filtered, _ = run(full)
-        assert template.page_index_if_ready() is None
-        first = io.BytesIO()
-        stats = filter_stream(io.BytesIO(full), first, template, pack=True)
-        assert template._indexing is not None
-        template._indexing.join(10)
-        assert template.page_index_if_ready() == ramdiff.page_index(BASE)
-        second = io.BytesIO()
-        again = filter_stream(io.BytesIO(full), second, template, pack=True)
-        assert (stats.pages_copied, again.pages_copied) == (0, 1)
-        for packed in (first.getvalue(), second.getvalue()):
-            out = io.BytesIO()
-            ramdiff.unpack_stream(io.BytesIO(packed), out, template)
-            assert out.getvalue() == filtered
-    finally:
-        template.close()
+    records, _ = packed_records()
+    full = stream(records)
+    filtered, _ = run(full)
+    assert template.page_index_if_ready() is None
+    first = io.BytesIO()
+    stats = filter_stream(io.BytesIO(full), first, template, pack=True)
+    assert template._indexing is not None
+    template._indexing.join(10)
+    assert template.page_index_if_ready() == ramdiff.page_index(BASE)
+    second = io.BytesIO()
+    again = filter_stream(io.BytesIO(full), second, template, pack=True)
+    assert (stats.pages_copied, again.pages_copied) == (0, 1)
+    for packed in (first.getvalue(), second.getvalue()):
+        out = io.BytesIO()
+        ramdiff.unpack_stream(io.BytesIO(packed), out, template)
+        assert out.getvalue() == filtered
