@@ -8,15 +8,14 @@ which is fine: both sides use the same extent map of the same file.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import functools
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from backend.libc import libc
 
 CHUNK = 8 << 20
 
@@ -121,14 +120,7 @@ def punch_zero_pages(path: Path, page: int = 4096) -> None:
 
 def _punch(fd: int, offset: int, length: int) -> bool:
     """Deallocate a range of `fd` (False when the filesystem cannot)."""
-    return _fallocate()(fd, 0x01 | 0x02, offset, length) == 0  # KEEP_SIZE | PUNCH_HOLE
-
-
-@functools.cache
-def _fallocate() -> Callable[[int, int, int, int], int]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return libc.fallocate
+    return int(libc().fallocate(fd, 0x01 | 0x02, offset, length)) == 0  # KEEP_SIZE|PUNCH_HOLE
 
 
 def sparse_checksum(path: Path) -> str:

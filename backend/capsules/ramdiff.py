@@ -43,10 +43,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -60,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from backend import sparse
+from backend.libc import libc as c_library
 
 if TYPE_CHECKING:
     from backend.runtime.base import VM
@@ -239,7 +238,7 @@ class TemplateRam:
         if self._zero is None or not self.size:
             return 0
         before = self.allocated_bytes()
-        libc = _libc()
+        libc = c_library()
         addr = libc.mmap(None, self.size, _PROT_READ, _MAP_SHARED, self.fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             return 0
@@ -286,24 +285,6 @@ _MADV_PAGEOUT = 21
 _MADV_POPULATE_READ = 22
 _LOW_BIT = bytes(i & 1 for i in range(256))
 """mincore's byte per page: bit 0 says resident, the other bits are reserved."""
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 class RamBases:
@@ -478,6 +459,11 @@ class _Writer:
         if self._pending >= self._flush_at:
             self.flush()
 
+    @property
+    def size(self) -> int:
+        """Bytes written to the destination."""
+        return self.written
+
     def flush(self) -> None:
         if self._parts:
             self._dst.write(b"".join(self._parts))
@@ -521,15 +507,14 @@ class _PackWriter(_Writer):
         self._deflate = zlib.compressobj(PACK_LEVEL, zlib.DEFLATED, -15)
         self._deflated: list[bytes] = []
         self._raw: list[bytes] = []
+        self._raw_bytes = 0
         self._dirty = False
         """Bytes went into deflate since its last flush."""
         self._dst.write(PACK_MAGIC)
         self.packed = len(PACK_MAGIC)
 
     def write(self, data: bytes) -> None:
-        if self._raw:
-            self._frame(_FRAME_RAW, b"".join(self._raw))
-            self._raw = []
+        self._end_raw()
         self.written += len(data)
         out = self._deflate.compress(data)
         self._dirty = True
@@ -550,15 +535,22 @@ class _PackWriter(_Writer):
             self._deflated, self._pending = [], 0
         self.written += len(data)
         self._raw.append(data)
-        if sum(map(len, self._raw)) >= _FRAME_MAX:
+        self._raw_bytes += len(data)
+        if self._raw_bytes >= _FRAME_MAX:
+            self._end_raw()
+
+    def _end_raw(self) -> None:
+        if self._raw:
             self._frame(_FRAME_RAW, b"".join(self._raw))
-            self._raw = []
+            self._raw, self._raw_bytes = [], 0
+
+    @property
+    def size(self) -> int:
+        return self.packed
 
     def flush(self) -> None:
         """The end of the stream (a packed file is written in one go, never flushed midway)."""
-        if self._raw:
-            self._frame(_FRAME_RAW, b"".join(self._raw))
-            self._raw = []
+        self._end_raw()
         self._deflated.append(self._deflate.flush(zlib.Z_FINISH))
         self._frame(_FRAME_DEFLATE, b"".join(self._deflated))
         self._deflated = []
@@ -700,7 +692,7 @@ class _Filter:
                 )
         w.flush()
         self.stats.input_bytes = r.consumed
-        self.stats.output_bytes = w.packed if isinstance(w, _PackWriter) else w.written
+        self.stats.output_bytes = w.size
         self.stats.blocks = {k.decode(errors="replace"): v for k, v in self.sizes.items()}
         return self.stats
 

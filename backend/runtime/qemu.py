@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import json
 import os
 import pwd
@@ -37,6 +34,7 @@ from pathlib import Path
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from backend.envd.protocol import METADATA_FW_CFG_NAME, METADATA_FW_CFG_SIZE
+from backend.libc import libc
 from backend.runtime.accel import QEMU_BINARY
 from backend.runtime.base import (
     BalloonStats,
@@ -511,12 +509,7 @@ def _child_setup() -> None:
     pages for TCG's translation buffer: an idle TCG capsule then held 20 MiB of it in ten
     2 MiB pages, where the code it had translated needed far less (issue 21)."""
     os.umask(0o077)
-    _libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
 
 class QemuRuntime:
@@ -531,7 +524,7 @@ class QemuRuntime:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         config.qmp_socket.unlink(missing_ok=True)
         write_metadata_blob(config)
-        _libc()  # loaded before the fork: the child only calls into it
+        libc()  # loaded before the fork: the child only calls into it
         log = config.vmm_log.open("ab")
         try:
             proc = subprocess.Popen(
