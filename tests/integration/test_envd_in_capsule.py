@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from typing import Any
 
@@ -142,3 +143,20 @@ async def test_metadata_files_exist(envd: Envd) -> None:
     sandbox, template, exported = out.split()
     assert sandbox == envd.capsule.id == exported
     assert template == "default"
+
+
+async def test_envd_logs_to_the_host_console_never_to_the_capsule_disk(
+    manager: CapsuleManager, envd: Envd
+) -> None:
+    """envd's log is the console the host keeps (capped, rotated, shown on the detail screen),
+    so what envd says reaches the host even when envd cannot answer; a line per command on
+    the capsule's own disk dirtied the disk and its journal, which snapshots then carried."""
+    marker = f"wrenn-log-{secrets.token_hex(4)}"
+    await envd.sh(f"true {marker}")
+    console = manager.layout.console_log(envd.capsule.id)
+    deadline = time.monotonic() + 10  # the guest's serial port drains after the answer
+    while marker not in console.read_text(errors="replace"):
+        assert time.monotonic() < deadline, console.read_text(errors="replace")[-2000:]
+        await asyncio.sleep(0.2)
+    assert "started process" in console.read_text(errors="replace")
+    assert await envd.sh("ls /var/log/envd.log 2>/dev/null || echo none") == "none\n"
