@@ -97,7 +97,7 @@ class DetailScreen(Screen[None]):
         self.sub_title = self.capsule_id
         self.console = ConsoleTail(self.wrenn.backend.console_log(self.capsule_id))
         self.query_one("#snapshots", DataTable).add_columns(
-            "gen", "RAM", "disk", "state", "total", "pause", "taken"
+            "gen", "memory", "disk", "total", "pause", "taken"
         )
         self.query_one("#events", DataTable).add_columns("time", "kind", "message")
         self._unsubscribe = self.wrenn.sampler.subscribe(self._on_tick)
@@ -224,9 +224,10 @@ class DetailScreen(Screen[None]):
         for s in reversed(snapshots):
             table.add_row(
                 str(s.generation),
-                fmt.size(s.ram_allocated),
+                # RAM file and device state together: a clone's pause has no RAM file, its
+                # memory is a diff on its template inside the state file
+                fmt.size(s.ram_allocated + s.state_size),
                 fmt.size(s.disk_allocated),
-                fmt.size(s.state_size),
                 Text(fmt.size(s.total_allocated), style="bold"),
                 f"{s.pause_seconds:.1f}s",
                 _clock(s.created_at),
