@@ -72,9 +72,9 @@ async def _write_template(
         out = work / name
         out.mkdir(mode=0o700)
         base = Path(source.image_dir) / "rootfs.ext4"
-        await flatten(captured.directory / snapshots.DISK, out / snapshots.DISK, base)
-        for part in (snapshots.RAM, snapshots.DEVICE_STATE):
+        for part in (snapshots.DISK, snapshots.RAM, snapshots.DEVICE_STATE):
             (captured.directory / part).rename(out / part)
+        await flatten(out / snapshots.DISK, base)
         disk_allocated = sparse.allocated_bytes(out / snapshots.DISK)
         manifest = replace(
             captured,

@@ -43,14 +43,19 @@ async def make_overlay(backing: Path, overlay: Path) -> None:
     overlay.chmod(0o600)
 
 
-async def flatten(source: Path, destination: Path, base: Path) -> None:
-    """Write `source`'s whole chain as one qcow2 layer over `base` (the image's rootfs): the
-    result holds every block that differs from `base`, and nothing between them remains."""
+async def flatten(disk: Path, base: Path) -> None:
+    """Make the qcow2 overlay `disk` (a private copy: it is rewritten in place) hold every block
+    in which its whole chain differs from `base` (the image's rootfs), and back it on `base`
+    alone. `qemu-img rebase` (safe mode) copies into `disk` what the layers between them hold.
+
+    Not `qemu-img convert -B base`: with a target backing file, convert reads the allocation
+    of the source's top layer only, so a middle layer's blocks (a template's, under a capsule
+    made from it) fell through to `base`: files that capsule inherited read as zeros in the
+    new template."""
     await _qemu_img(
-        "convert", "-q", "-O", "qcow2", "-B", str(base), "-F", image_format(base),
-        str(source), str(destination),
+        "rebase", "-q", "-f", "qcow2", "-b", str(base), "-F", image_format(base), str(disk),
     )  # fmt: skip
-    destination.chmod(0o600)
+    disk.chmod(0o600)
 
 
 async def backing_chain(disk: Path) -> list[Path]:

@@ -104,6 +104,11 @@ async def test_template_from_running_capsule(manager: CapsuleManager) -> None:
 
     chain = await backing_chain(Path(second.path) / "disk.qcow2")
     assert len(chain) == 2, chain  # the flattened disk and the image's rootfs
+    # and it holds what the clone inherited from web.v1 (in web.v1's layer only: the clone
+    # never wrote it), not only what the clone wrote itself
+    grandchild = await manager.create(template="web.v2")
+    assert (await sh(manager, grandchild.id, "cat /root/kept.txt")).strip() == "kept"
+    await manager.destroy(grandchild.id)
 
     await manager.destroy(clone.id)
     await manager.template_remove("web.v1")
