@@ -106,7 +106,7 @@ async def _write_template(
 
 
 async def _capture(
-    m: CapsuleManager, source: Capsule, out: Path, *, prepare: bool
+    m: CapsuleManager, source: Capsule, out: Path, *, prepare: bool, durable: bool = True
 ) -> SnapshotManifest:
     """The source's state at one instant, in `out` (uncommitted): captured from its VM,
     which keeps running, or copied from its latest generation if it is paused.
@@ -115,7 +115,10 @@ async def _capture(
     for long: it is stored at its working set). A fork skips it: its clones' RAM came out the
     same size (206 vs 203 MiB with a 100 MB working set) and fork took 2.5 s instead of 3.0 s,
     8 clones 7.1 s instead of 10.7 s. Consistency does not depend on it: RAM and disk are
-    copied with the vCPUs stopped and QEMU's block layer flushed."""
+    copied with the vCPUs stopped and QEMU's block layer flushed.
+
+    `durable=False` (a fork): a running source's capture is neither fsynced nor checksummed
+    (`snapshots.capture`); a paused source's copy keeps its generation's checksums."""
     if source.state == State.PAUSED:
         generation = latest_generation(m, source)
         out.mkdir(mode=0o700)
@@ -149,6 +152,7 @@ async def _capture(
                 # restored at once (fork) or turned into a full snapshot (template): packing
                 # a diff kept for minutes would only cost the source's stopped time
                 pack=False,
+                durable=durable,
             )
     finally:
         current = m.store.get(source.id)
@@ -172,7 +176,7 @@ async def fork(m: CapsuleManager, capsule_id: str, count: int = 1) -> list[Capsu
         source = m.get(capsule_id)
         require(source, Action.FORK)
         with m.layout.work_dir("fork") as work:
-            captured = await _capture(m, source, work / "capture", prepare=False)
+            captured = await _capture(m, source, work / "capture", prepare=False, durable=False)
             clones = []
             for _ in range(count):
                 clone = m._new_capsule(
@@ -224,5 +228,8 @@ async def _start_clone(
             DiskFrom(),
             f"the capture of {source.id}",
             token=source.access_token,
+            # a capture this fork made moments ago in its private work dir has no checksum to
+            # verify; a paused source's copied generation does, and is verified
+            verify=bool(captured.state_sha256),
         )
         return m._running(clone, started, f"forked from {source.id}", "fork")

@@ -514,13 +514,14 @@ class CapsuleManager:
         init_extra: dict[str, object] | None = None,
         *,
         share: bool = False,
+        verify: bool = True,
     ) -> tuple[Capsule, dict[str, float]]:
         """Run `capsule` from a snapshot: envd answers and has the capsule's identity.
 
         `token` is the one envd holds in that snapshot (default: the capsule's own);
         `init_extra`: more /init fields (a template's process defaults). `share`: start as a
         clone of the snapshot (a template): its RAM a private mapping of the snapshot's. A
-        diff is always restored on its base."""
+        diff is always restored on its base. `verify=False`: see `snapshots.restore`."""
         started = time.monotonic()
         base = await self._base_for(snapshot, share, what)
         capsule = capsule.with_(extra=snapshots.with_base(capsule.extra, base))
@@ -545,6 +546,7 @@ class CapsuleManager:
             what,
             started=recorded,
             base=base,
+            verify=verify,
         )
         capsule = holder[0]
         async with self.envd(capsule, token=token or snapshot.envd_token) as envd:

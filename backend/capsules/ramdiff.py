@@ -1042,10 +1042,7 @@ def _filter_fd(read_fd: int, dest: Path, base: PageSource, pack: bool) -> Filter
         try:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as fout:
-                stats = filter_stream(fin, fout, base, whole=True, pack=pack)
-                fout.flush()
-                os.fsync(fout.fileno())
-                return stats
+                return filter_stream(fin, fout, base, whole=True, pack=pack)
         except BaseException:
             dest.unlink(missing_ok=True)
             raise
@@ -1058,7 +1055,9 @@ async def save_diff(
     whose other end the filter reads. The VM stays stopped. StreamError/MigrationFailed leave
     no `dest` behind. `live`: migrate while the guest runs (QEMU stops it at the end), which
     free-page hinting needs (the guest reports its free pages during the migration). `pack`:
-    `dest` is the packed form (see filter_stream), which a restore unpacks as QEMU loads it."""
+    `dest` is the packed form (see filter_stream), which a restore unpacks as QEMU loads it.
+    `dest` is not fsynced: the caller does (backend/capsules/snapshots.capture), once the VM
+    runs again if it goes on running."""
     read_fd, write_fd = os.pipe()
     filtering: asyncio.Future[FilterStats] | None = None
     try:

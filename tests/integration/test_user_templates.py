@@ -150,6 +150,25 @@ async def test_template_and_fork_of_paused_capsule(manager: CapsuleManager) -> N
     assert (await sh(manager, source.id, "cat /root/p.txt")).strip() == "paused-state"
 
 
+async def test_a_fork_of_a_paused_capsule_verifies_the_generation_it_copies(
+    manager: CapsuleManager,
+) -> None:
+    """A running source's fork restores a capture it made moments before, unchecksummed (it
+    never leaves the agent's private work dir); a paused source's fork copies a stored
+    generation, and that is still verified: a corrupt one is a clear error, nothing starts."""
+    source = await manager.create()
+    snap = await manager.pause(source.id)
+    state = Path(snap.path) / "vmstate"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.chmod(0o600)
+    state.write_bytes(bytes(data))
+    with pytest.raises(CapsuleError, match="corrupt \\(checksum mismatch\\)"):
+        await manager.fork(source.id)
+    assert [c.id for c in manager.list_capsules()] == [source.id]
+    assert manager.get(source.id).state == State.PAUSED
+
+
 async def test_bad_input_changes_nothing(manager: CapsuleManager) -> None:
     source = await manager.create()
     before = manager.get(source.id)
