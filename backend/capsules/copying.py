@@ -24,6 +24,7 @@ from backend.capsules.envd_client import EnvdError
 from backend.capsules.errors import CapsuleError, SnapshotCorrupt
 from backend.capsules.models import Capsule, State
 from backend.capsules.pausing import latest_generation
+from backend.capsules.ramdiff import StreamError
 from backend.capsules.snapshots import CaptureSpec, DiskFrom, SnapshotManifest
 from backend.capsules.templates import MAX_FORK, Template
 from backend.runtime.base import VMMError
@@ -31,7 +32,7 @@ from backend.runtime.base import VMMError
 if TYPE_CHECKING:
     from backend.capsules.manager import CapsuleManager
 
-COPY_ERRORS = (VMMError, EnvdError, SnapshotCorrupt, OSError)
+COPY_ERRORS = (VMMError, EnvdError, SnapshotCorrupt, StreamError, OSError)
 
 
 async def save_template(m: CapsuleManager, capsule_id: str, name: str, **record: Any) -> Template:
@@ -62,7 +63,9 @@ async def _write_template(
     m: CapsuleManager, source: Capsule, name: str, record: dict[str, Any]
 ) -> Template:
     with m.layout.work_dir("template") as work:
-        captured = await _capture(m, source, work / "capture", prepare=True)
+        # not durable: what is kept is written, checksummed and fsynced below (a clone's
+        # capture, a diff as large as its working set, is rewritten by `materialize` anyway)
+        captured = await _capture(m, source, work / "capture", prepare=True, durable=False)
         if captured.ram_base is not None:
             # a clone's capture is a diff on its base: a template stands on its own
             ram_base = await snapshots.open_base(
@@ -81,6 +84,8 @@ async def _write_template(
             path=str(out),
             disk_allocated=disk_allocated,
             disk_sha256=await asyncio.to_thread(sparse.sparse_checksum, out / snapshots.DISK),
+            # the device state alone by now (small): a capture that was not durable has none
+            state_sha256=await asyncio.to_thread(sparse.sha256_file, out / snapshots.DEVICE_STATE),
         )
         manifest.write()
         for part in (snapshots.DISK, snapshots.RAM, snapshots.DEVICE_STATE):
@@ -117,19 +122,28 @@ async def _capture(
     8 clones 7.1 s instead of 10.7 s. Consistency does not depend on it: RAM and disk are
     copied with the vCPUs stopped and QEMU's block layer flushed.
 
-    `durable=False` (a fork): a running source's capture is neither fsynced nor checksummed
-    (`snapshots.capture`); a paused source's copy keeps its generation's checksums."""
+    `durable=False` (a fork, a template): a running source's capture is neither fsynced nor
+    checksummed (`snapshots.capture`); a paused source's copy keeps its generation's
+    checksums."""
     if source.state == State.PAUSED:
         generation = latest_generation(m, source)
         out.mkdir(mode=0o700)
-        for part in (snapshots.RAM, snapshots.DISK):
+        what = f"generation {generation.directory.name} of {source.id}"
+        for part, expected in (
+            (snapshots.RAM, generation.ram_sha256),
+            (snapshots.DISK, generation.disk_sha256),
+        ):
             if part == snapshots.RAM and generation.is_diff:
                 continue  # a clone's diff: its RAM is the base's plus the pages in vmstate
-            await asyncio.to_thread(
+            copied = await asyncio.to_thread(
                 sparse.sparse_copy, generation.directory / part, out / part, fsync=False
             )
+            if copied.sha256 != expected:
+                # a template would keep it for good: checked here, not only by a restore
+                raise SnapshotCorrupt(f"{part} of {what} is corrupt (checksum mismatch)")
         shutil.copyfile(generation.directory / snapshots.DEVICE_STATE, out / snapshots.DEVICE_STATE)
         manifest = replace(generation, path=str(out))
+        await asyncio.to_thread(snapshots.verify_state, manifest, what)
         manifest.write()
         return manifest
     vm = m.vm(source)

@@ -150,7 +150,7 @@ async def test_template_and_fork_of_paused_capsule(manager: CapsuleManager) -> N
     assert (await sh(manager, source.id, "cat /root/p.txt")).strip() == "paused-state"
 
 
-async def test_a_fork_of_a_paused_capsule_verifies_the_generation_it_copies(
+async def test_fork_and_template_of_a_paused_capsule_verify_the_generation_they_copy(
     manager: CapsuleManager,
 ) -> None:
     """A running source's fork restores a capture it made moments before, unchecksummed (it
@@ -165,6 +165,10 @@ async def test_a_fork_of_a_paused_capsule_verifies_the_generation_it_copies(
     state.write_bytes(bytes(data))
     with pytest.raises(CapsuleError, match="corrupt \\(checksum mismatch\\)"):
         await manager.fork(source.id)
+    # a template would keep the corruption for good: it is refused the same way
+    with pytest.raises(CapsuleError, match="corrupt \\(checksum mismatch\\)"):
+        await manager.template_create(source.id, "from-corrupt")
+    assert "from-corrupt" not in [t.name for t in manager.list_templates()]
     assert [c.id for c in manager.list_capsules()] == [source.id]
     assert manager.get(source.id).state == State.PAUSED
 
