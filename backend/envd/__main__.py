@@ -78,9 +78,12 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, str]:
 
 def main(argv: list[str] | None = None) -> int:
     config, level = config_from_args(argv)
+    # In a capsule this is the serial console, which the host keeps and the dashboard shows
+    # in a narrow pane: the time of day and the level's initial, then what happened.
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
     import uvicorn
