@@ -999,18 +999,35 @@ def split_to_ram_file(src: BinaryIO, state: Path, ram_file: Path, template: Temp
             if chunk.count(0) != len(chunk):
                 os.pwrite(fd, chunk, offset)
 
+        # consecutive pages go out in one write (a diff holds runs of them: ~31000 pwrites
+        # for a capsule holding 100 MB); a page that does not extend the run writes it first,
+        # so the stream's order (a later copy of a page wins) is kept
+        run: list[bytes] = []
+        run_start = 0
+
+        def flush() -> None:
+            if run:
+                os.pwrite(fd, b"".join(run), run_start)
+                run.clear()
+
         def put(addr: int, page: bytes) -> None:
+            nonlocal run_start
             if page.count(0) == PAGE_SIZE:
+                flush()
                 # a hole reads as zeros; never allocate a page for it
                 if template[addr : addr + PAGE_SIZE].count(0) != PAGE_SIZE:
                     _punch(fd, addr, PAGE_SIZE)
-            else:
-                os.pwrite(fd, page, addr)
+                return
+            if not run or addr != run_start + len(run) * PAGE_SIZE or len(run) >= 256:
+                flush()
+                run_start = addr
+            run.append(page)
 
         with os.fdopen(os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             packed = src.read(len(PACK_MAGIC)) == PACK_MAGIC
             src.seek(0)
             _Filter(src, out, template, TEMPLATE_BLOCK, sink=put, unpack=packed).run()
+        flush()
     except BaseException:
         state.unlink(missing_ok=True)
         ram_file.unlink(missing_ok=True)
