@@ -84,8 +84,9 @@ async def _write_template(
             path=str(out),
             disk_allocated=disk_allocated,
             disk_sha256=await asyncio.to_thread(sparse.sparse_checksum, out / snapshots.DISK),
-            # the device state alone by now (small): a capture that was not durable has none
-            state_sha256=await asyncio.to_thread(sparse.sha256_file, out / snapshots.DEVICE_STATE),
+            # a running capsule's capture that materialize did not rewrite has none yet
+            state_sha256=captured.state_sha256
+            or await asyncio.to_thread(sparse.sha256_file, out / snapshots.DEVICE_STATE),
         )
         manifest.write()
         for part in (snapshots.DISK, snapshots.RAM, snapshots.DEVICE_STATE):
@@ -242,8 +243,8 @@ async def _start_clone(
             DiskFrom(),
             f"the capture of {source.id}",
             token=source.access_token,
-            # a capture this fork made moments ago in its private work dir has no checksum to
-            # verify; a paused source's copied generation does, and is verified
-            verify=bool(captured.state_sha256),
+            # checked once already: a paused source's generation as _capture copied it; a
+            # running source's capture was written moments ago in this private work dir
+            verify=False,
         )
         return m._running(clone, started, f"forked from {source.id}", "fork")

@@ -238,8 +238,9 @@ async def capture(
     balloon is left alone (QEMU 7.2 cannot give a clone's pages back: its discards fail on
     the sealed memfd).
 
-    `durable=False` (a fork's capture: this process restores it at once from its private work
-    dir, then removes it): nothing is fsynced and the device state gets no checksum
+    `durable=False` (a fork's capture, which this process restores at once from its private
+    work dir and removes; a template's, which is rewritten and made durable where it is kept):
+    nothing is fsynced and the device state gets no checksum
     (`state_sha256` is empty, so only `restore(verify=False)` takes it). For a fork of a
     capsule holding 100 MB this was ~0.07 s of fsync (with the vCPUs stopped) and ~0.08 s of
     SHA-256 here, plus the same again for every clone that verified it.
@@ -528,7 +529,9 @@ def _unpack_state(packed: Path, dest: Path, base: RamBase, what: str) -> None:
 def materialize(captured: SnapshotManifest, base: RamBase) -> SnapshotManifest:
     """Turn a diff (in its own, uncommitted directory) into a full snapshot in place: `mem`
     becomes the base's RAM with the diff's pages over it, `vmstate` the device state alone.
-    For a template saved from a clone: it must outlive the base it came from."""
+    For a template saved from a clone: it must outlive the base it came from. Not durable:
+    the caller (copying._write_template) fsyncs every part and writes the manifest where the
+    template is kept."""
     directory = captured.directory
     state = directory / DEVICE_STATE
     diff = state.with_name(DEVICE_STATE + ".diff")
@@ -537,9 +540,7 @@ def materialize(captured: SnapshotManifest, base: RamBase) -> SnapshotManifest:
         split_to_ram_file(src, state, directory / RAM, base.ram)
     diff.unlink()
     ram_sha = sparse.sparse_checksum(directory / RAM)
-    for name in (RAM, DEVICE_STATE):
-        sparse.fsync_file(directory / name)
-    manifest = replace(
+    return replace(
         captured,
         ram_allocated=sparse.allocated_bytes(directory / RAM),
         ram_sha256=ram_sha,
@@ -548,8 +549,6 @@ def materialize(captured: SnapshotManifest, base: RamBase) -> SnapshotManifest:
         ram_base=None,
         ram_base_sha256="",
     )
-    manifest.write()
-    return manifest
 
 
 async def bring_up(
